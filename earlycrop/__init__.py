@@ -1,0 +1,36 @@
+"""Structured EarlyCroP for Hugging Face transformers: score, select, prune, save.
+
+    scores = earlycrop.score_units(model, "earlycrop", batches)
+    plan = earlycrop.make_plan(model, scores, earlycrop.SelectionConfig(heads=0.5, mlp=0.5))
+    earlycrop.prune(model, plan, optimizer)
+"""
+
+from .criteria import CRITERIA, Criterion, Scores, make_criterion, score_units
+from .families import FamilyAdapter, get_adapter, register_adapter, supported_families
+from .gates import attach_gates, gated
+from .select import Plan, SelectionConfig, make_plan, params_after
+from .serialization import from_pretrained, plain_loadable, save_pretrained
+from .surgery import PruneResult, prune
+
+__all__ = [
+    "CRITERIA",
+    "Criterion",
+    "FamilyAdapter",
+    "Plan",
+    "PruneResult",
+    "Scores",
+    "SelectionConfig",
+    "attach_gates",
+    "from_pretrained",
+    "gated",
+    "get_adapter",
+    "make_criterion",
+    "make_plan",
+    "params_after",
+    "plain_loadable",
+    "prune",
+    "register_adapter",
+    "save_pretrained",
+    "score_units",
+    "supported_families",
+]

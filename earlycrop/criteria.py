@@ -1,0 +1,344 @@
+"""Importance criteria for heads and MLP neurons: one class each, one small interface.
+
+Every criterion returns `Scores` (larger = keep) computed on the same gates, so selection and
+surgery never know which criterion ran. Data-parallel exactness is the caller's business but
+is made possible here: each criterion sums over its batches and calls `reduce` (an all-reduce
+sum, identity by default) on the signed sums BEFORE any absolute value or square of a sum,
+so N ranks over N shards give the scores of one process over all batches (DESIGN.md §4).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .families import FamilyAdapter, get_adapter
+from .gates import Gates, gated
+
+Batch = Mapping[str, torch.Tensor]
+LossFn = Callable[[nn.Module, Batch], torch.Tensor]
+Reduce = Callable[[torch.Tensor], torch.Tensor]
+
+
+def default_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """The model's own training loss (causal LM or classification heads compute it from `labels`)."""
+    return model(**batch).loss
+
+
+def _identity(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+@dataclass
+class Scores:
+    """Per-layer importance: heads [H_l] and neurons [I_l] for every layer l; larger = keep."""
+
+    heads: list[torch.Tensor]
+    neurons: list[torch.Tensor]
+
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        """float32 tensors for safetensors: `heads` [L × H], `neurons` [L × I] when every layer is the
+        same size (always for a dense model), else one `heads.<l>` / `neurons.<l>` per layer."""
+        out: dict[str, torch.Tensor] = {}
+        for key, rows in (("heads", self.heads), ("neurons", self.neurons)):
+            rows = [r.detach().float().cpu().contiguous() for r in rows]
+            if len({r.numel() for r in rows}) == 1:
+                out[key] = torch.stack(rows)
+            else:
+                out.update({f"{key}.{i}": r for i, r in enumerate(rows)})
+        return out
+
+    @classmethod
+    def from_tensors(cls, tensors: Mapping[str, torch.Tensor]) -> Scores:
+        def rows(key: str) -> list[torch.Tensor]:
+            if key in tensors:
+                return list(tensors[key].unbind(0))
+            n = sum(1 for k in tensors if k.startswith(f"{key}."))
+            return [tensors[f"{key}.{i}"] for i in range(n)]
+
+        return cls(heads=rows("heads"), neurons=rows("neurons"))
+
+    def check_finite(self, criterion: str) -> None:
+        for kind, rows in (("heads", self.heads), ("neurons", self.neurons)):
+            for layer, r in enumerate(rows):
+                if not torch.isfinite(r).all():
+                    raise FloatingPointError(
+                        f"criterion {criterion!r} produced NaN/Inf {kind} scores in layer {layer}: "
+                        "check the loss on the calibration batches and the learning rate"
+                    )
+
+
+@dataclass
+class ScoringContext:
+    """What a criterion may use: the model with gates attached, its adapter, and the data."""
+
+    model: nn.Module
+    adapter: FamilyAdapter
+    gates: Gates
+    batches: list[Batch]
+    loss_fn: LossFn
+    reduce: Reduce
+    progress: bool
+
+    def iter_batches(self, desc: str) -> Iterable[Batch]:
+        device = next(self.model.parameters()).device
+        for batch in tqdm(self.batches, desc=desc, disable=not self.progress, leave=False):
+            yield {k: v.to(device) for k, v in batch.items()}
+
+    def reduce_all(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """All-reduce a list of tensors as one flat buffer (one collective, not one per tensor)."""
+        if not tensors:
+            return []
+        flat = self.reduce(torch.cat([t.reshape(-1) for t in tensors]))
+        return [chunk.view_as(t) for chunk, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
+
+    def as_scores(self, flat: list[torch.Tensor]) -> Scores:
+        heads, neurons = self.gates.split([t.detach() for t in flat])
+        return Scores(heads=heads, neurons=neurons)
+
+
+class Criterion(ABC):
+    """Scores every head and MLP neuron of a gated model; larger = more important."""
+
+    name: ClassVar[str]
+    uses_data: ClassVar[bool] = True
+
+    @abstractmethod
+    def score(self, ctx: ScoringContext) -> Scores: ...
+
+
+def _gate_grads(ctx: ScoringContext, loss: torch.Tensor) -> list[torch.Tensor]:
+    return list(torch.autograd.grad(loss, ctx.gates.parameters()))
+
+
+def _weight_gradient(ctx: ScoringContext, weights: list[nn.Parameter]) -> list[torch.Tensor]:
+    """g = ∇θ L summed over all calibration batches of all ranks (detached)."""
+    g = [torch.zeros_like(w) for w in weights]
+    for batch in ctx.iter_batches("gradient"):
+        for acc, grad in zip(g, torch.autograd.grad(ctx.loss_fn(ctx.model, batch), weights)):
+            acc.add_(grad)
+    return ctx.reduce_all(g)
+
+
+def hessian_gradient_product(ctx: ScoringContext, hvp: Literal["exact", "finite_difference"], fd_step: float) -> list[torch.Tensor]:
+    """Σ_batches H_cθ · g, the mixed (gates × weights) Hessian times the global weight gradient."""
+    weights = ctx.adapter.prunable_weights(ctx.model)
+    g = _weight_gradient(ctx, weights)
+    acc = ctx.gates.zeros_like()
+    if hvp == "exact":
+        for batch in ctx.iter_batches("H·g (exact)"):
+            grads = torch.autograd.grad(ctx.loss_fn(ctx.model, batch), weights, create_graph=True)
+            z = sum((gi * dw).sum() for gi, dw in zip(g, grads))
+            for a, d in zip(acc, torch.autograd.grad(z, ctx.gates.parameters())):
+                a.add_(d)
+    elif hvp == "finite_difference":
+        g_norm = math.sqrt(sum(float((gi.double() ** 2).sum()) for gi in g))
+        if g_norm == 0.0:
+            raise FloatingPointError("the weight gradient is zero on the calibration batches: nothing to score")
+        eps = fd_step / g_norm
+        originals = [w.detach().clone() for w in weights]
+        try:
+            for batch in ctx.iter_batches("H·g (finite difference)"):
+                sides = []
+                for sign in (1.0, -1.0):
+                    with torch.no_grad():
+                        for w, w0, gi in zip(weights, originals, g):
+                            w.copy_(w0 + sign * eps * gi)
+                    sides.append(_gate_grads(ctx, ctx.loss_fn(ctx.model, batch)))
+                for a, plus, minus in zip(acc, *sides):
+                    a.add_((plus - minus) / (2 * eps))
+        finally:
+            with torch.no_grad():
+                for w, w0 in zip(weights, originals):
+                    w.copy_(w0)
+    else:
+        raise ValueError(f"hvp must be 'exact' or 'finite_difference', got {hvp!r}")
+    return ctx.reduce_all(acc)
+
+
+class EarlyCroP(Criterion):
+    """|H_cθ · g|: how much removing a unit would change gradient flow (Rachwan et al., 2022)."""
+
+    name = "earlycrop"
+
+    def __init__(self, hvp: Literal["exact", "finite_difference"] = "exact", fd_step: float = 1e-4):
+        self.hvp, self.fd_step = hvp, fd_step
+
+    def score(self, ctx):
+        return ctx.as_scores([t.abs() for t in hessian_gradient_product(ctx, self.hvp, self.fd_step)])
+
+
+class GraSP(Criterion):
+    """GraSP keeps the units whose removal would reduce gradient flow most: signed H_cθ · g."""
+
+    name = "grasp"
+
+    def __init__(self, hvp: Literal["exact", "finite_difference"] = "exact", fd_step: float = 1e-4):
+        self.hvp, self.fd_step = hvp, fd_step
+
+    def score(self, ctx):
+        return ctx.as_scores(hessian_gradient_product(ctx, self.hvp, self.fd_step))
+
+
+class SNIP(Criterion):
+    """First-order Taylor / SNIP: |Σ_b ∂L_b/∂c|."""
+
+    name = "snip"
+
+    def score(self, ctx):
+        acc = ctx.gates.zeros_like()
+        for batch in ctx.iter_batches("snip"):
+            for a, d in zip(acc, _gate_grads(ctx, ctx.loss_fn(ctx.model, batch))):
+                a.add_(d)
+        return ctx.as_scores([t.abs() for t in ctx.reduce_all(acc)])
+
+
+class Fisher(Criterion):
+    """Σ_b (∂L_b/∂c)²: the head importance of Michel et al. (2019), per batch then summed."""
+
+    name = "fisher"
+
+    def score(self, ctx):
+        acc = ctx.gates.zeros_like()
+        for batch in ctx.iter_batches("fisher"):
+            for a, d in zip(acc, _gate_grads(ctx, ctx.loss_fn(ctx.model, batch))):
+                a.add_(d.square())
+        return ctx.as_scores(ctx.reduce_all(acc))
+
+
+class Activation(Criterion):
+    """Mean output norm of each unit over all calibration tokens (the Minitron importance)."""
+
+    name = "activation"
+
+    def score(self, ctx):
+        sums = [torch.zeros_like(g).detach() for g in ctx.gates.parameters()]
+        tokens = torch.zeros(1, dtype=sums[0].dtype, device=sums[0].device)
+        head_sums, neuron_sums = ctx.gates.split(sums)
+        handles = []
+
+        def head_hook(acc: torch.Tensor, head_dim: int):
+            def hook(module, args):
+                x = args[0].detach()
+                acc.add_(x.unflatten(-1, (-1, head_dim)).norm(dim=-1).reshape(-1, acc.numel()).sum(0).to(acc.dtype))
+
+            return hook
+
+        def neuron_hook(acc: torch.Tensor):
+            def hook(module, args):
+                acc.add_(args[0].detach().abs().reshape(-1, acc.numel()).sum(0).to(acc.dtype))
+
+            return hook
+
+        for layer, hs, ns in zip(ctx.gates.layers, head_sums, neuron_sums):
+            handles.append(layer.head_out.register_forward_pre_hook(head_hook(hs, layer.head_dim)))
+            handles.append(layer.mlp_out.register_forward_pre_hook(neuron_hook(ns)))
+        try:
+            with torch.no_grad():
+                for batch in ctx.iter_batches("activation"):
+                    tokens += batch["input_ids"].numel()
+                    ctx.model(**{k: v for k, v in batch.items() if k != "labels"})
+        finally:
+            for h in handles:
+                h.remove()
+        *sums, tokens = ctx.reduce_all([*sums, tokens])
+        return ctx.as_scores([s / tokens.clamp_min(1) for s in sums])
+
+
+class Magnitude(Criterion):
+    """L2 norm of all weights that belong to the unit (no data needed)."""
+
+    name = "magnitude"
+    uses_data = False
+
+    def score(self, ctx):
+        heads, neurons = [], []
+        with torch.no_grad():
+            for layer in ctx.gates.layers:
+                heads.append(self._unit_norms(ctx.adapter.attention_slices(
+                    layer, list(range(layer.num_heads)), list(range(layer.num_kv_heads))), layer, "q"))
+                neurons.append(self._unit_norms(ctx.adapter.mlp_slices(layer, list(range(layer.intermediate_size))), layer, "n"))
+        return Scores(heads=heads, neurons=neurons)
+
+    @staticmethod
+    def _unit_norms(slices, layer, kind: str) -> torch.Tensor:
+        """Sum of squares per unit over every slice indexed by that unit's own rows/columns;
+        key/value heads shared by a GQA group belong to no single query head and are left out."""
+        units = layer.num_heads if kind == "q" else layer.intermediate_size
+        width = layer.head_dim if kind == "q" else 1
+        total = torch.zeros(units, dtype=torch.float64)
+        for s in slices:
+            p = s.parameter.detach().double()
+            blocks, rest = divmod(p.shape[s.dim], units * width)
+            if blocks and not rest:  # q/o (and k/v without GQA, or fused q|k|v): one slab per unit
+                moved = p.movedim(s.dim, 0).reshape(blocks, units, -1)
+                total += moved.square().sum((0, 2)).cpu()
+        return total.sqrt()
+
+
+class Random(Criterion):
+    """Seeded uniform noise: the baseline every criterion must beat. Same on every rank."""
+
+    name = "random"
+    uses_data = False
+
+    def __init__(self, seed: int = 0):
+        self.seed = seed
+
+    def score(self, ctx):
+        gen = torch.Generator().manual_seed(self.seed)
+        flat = [torch.rand(g.shape, generator=gen, dtype=torch.float64) for g in ctx.gates.parameters()]
+        return ctx.as_scores(flat)
+
+
+CRITERIA: dict[str, type[Criterion]] = {
+    c.name: c for c in (EarlyCroP, GraSP, SNIP, Fisher, Activation, Magnitude, Random)
+}
+
+
+def make_criterion(name: str, **options) -> Criterion:
+    """Build a criterion by name; options go to its constructor (e.g. `hvp`, `fd_step`, `seed`)."""
+    if name not in CRITERIA:
+        raise ValueError(f"unknown criterion {name!r}; choose one of: {', '.join(sorted(CRITERIA))}")
+    cls = CRITERIA[name]
+    accepted = inspect.signature(cls.__init__).parameters
+    return cls(**{k: v for k, v in options.items() if k in accepted})
+
+
+def score_units(
+    model: nn.Module,
+    criterion: Criterion | str,
+    batches: Iterable[Batch] = (),
+    *,
+    loss_fn: LossFn = default_loss,
+    reduce: Reduce | None = None,
+    progress: bool = False,
+) -> Scores:
+    """Score every head and MLP neuron of `model` with `criterion` on `batches`.
+
+    The model is scored in eval mode (no dropout, as the paper's authors did) and restored after.
+    `reduce` sums a tensor over data-parallel ranks; pass it when each rank holds a shard.
+    """
+    criterion = make_criterion(criterion) if isinstance(criterion, str) else criterion
+    batches = list(batches)
+    if criterion.uses_data and reduce is None and not batches:
+        raise ValueError(f"criterion {criterion.name!r} needs calibration batches; none were given")
+    adapter = get_adapter(model)
+    was_training = model.training
+    model.eval()
+    try:
+        with gated(model, adapter) as gates:
+            ctx = ScoringContext(model, adapter, gates, batches, loss_fn, reduce or _identity, progress)
+            scores = criterion.score(ctx)
+    finally:
+        model.train(was_training)
+    scores.check_finite(criterion.name)
+    return scores

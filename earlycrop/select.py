@@ -1,0 +1,267 @@
+"""Selection: from scores to a `Plan` of kept heads and neurons per layer.
+
+A Plan is plain data (JSON) so it can be reviewed, stored with the run, and replayed on another
+process or machine. Selection knows nothing about criteria or surgery.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import nn
+
+from .criteria import Scores
+from .families import LayerUnits, get_adapter
+
+
+@dataclass
+class SelectionConfig:
+    """How much to remove and how to spread it.
+
+    `heads` and `mlp` are the fractions REMOVED. `layout: uniform` keeps the same count in every
+    layer (the result loads with plain `from_pretrained` where the family allows); `global`
+    ranks all layers together, as the paper does. `round_to` rounds kept neuron counts to a
+    multiple (GPU matrix units like 8 or 64). For GQA models, `gqa: per_group` removes the same
+    number of query heads from every key/value group; `gqa: group` removes whole groups.
+    `target_params` replaces both ratios by the smallest equal ratio that meets the budget.
+    """
+
+    heads: float = 0.0
+    mlp: float = 0.0
+    layout: Literal["uniform", "global"] = "uniform"
+    round_to: int = 1
+    gqa: Literal["per_group", "group"] = "per_group"
+    target_params: int | None = None
+
+    def __post_init__(self) -> None:
+        for key in ("heads", "mlp"):
+            value = getattr(self, key)
+            if not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+                raise ValueError(f"{key}={value!r}: the fraction removed must be in [0, 1)")
+        if self.layout not in ("uniform", "global"):
+            raise ValueError(f"layout={self.layout!r}: choose 'uniform' or 'global'")
+        if self.gqa not in ("per_group", "group"):
+            raise ValueError(f"gqa={self.gqa!r}: choose 'per_group' or 'group'")
+        if not isinstance(self.round_to, int) or self.round_to < 1:
+            raise ValueError(f"round_to={self.round_to!r}: must be a positive integer")
+        if self.target_params is not None and self.target_params <= 0:
+            raise ValueError(f"target_params={self.target_params!r}: must be a positive parameter count")
+
+
+@dataclass
+class Plan:
+    """Kept units per layer, as indices into the model the plan was made for."""
+
+    family: str
+    layout: str
+    heads: list[list[int]]
+    kv_heads: list[list[int]]
+    neurons: list[list[int]]
+    dense_heads: list[int]
+    dense_kv_heads: list[int]
+    dense_neurons: list[int]
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.heads)
+
+    def counts(self) -> dict[str, list[int]]:
+        return {
+            "heads": [len(h) for h in self.heads],
+            "kv_heads": [len(h) for h in self.kv_heads],
+            "neurons": [len(n) for n in self.neurons],
+        }
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_json())
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Plan:
+        return cls(**data)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Plan:
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+def _top(scores: torch.Tensor, k: int) -> list[int]:
+    """Indices of the k best scores, ties broken by the lower index, returned sorted."""
+    order = torch.sort(-scores.double().cpu(), stable=True).indices
+    return sorted(order[:k].tolist())
+
+
+def _round_count(count: float, multiple: int, total: int) -> int:
+    """Nearest multiple of `multiple` to `count`, at least one multiple, at most `total`."""
+    return min(total, max(multiple, multiple * round(count / multiple)))
+
+
+def _head_units(layer: LayerUnits, head_scores: torch.Tensor, gqa: str) -> tuple[torch.Tensor, int]:
+    """Scores of the selectable head units and how many query heads each stands for.
+
+    Without GQA (one query head per key/value head) a unit is a head with its k/v; with
+    `gqa: group` a unit is a whole key/value group (scored by the sum of its query heads).
+    """
+    g = layer.heads_per_group
+    if g == 1 or gqa == "group":
+        return head_scores.double().reshape(layer.num_kv_heads, g).sum(1), g
+    return head_scores.double(), 1
+
+
+def _kept_heads(layer: LayerUnits, head_scores: torch.Tensor, keep_units: int, gqa: str) -> tuple[list[int], list[int]]:
+    """Kept query and key/value head indices for `keep_units` selectable units of this layer."""
+    g = layer.heads_per_group
+    if g == 1 or gqa == "group":
+        groups = _top(_head_units(layer, head_scores, gqa)[0], keep_units)
+        return [kv * g + i for kv in groups for i in range(g)], groups
+    per_group = keep_units // layer.num_kv_heads
+    grouped = head_scores.double().reshape(layer.num_kv_heads, g)
+    heads = [kv * g + i for kv in range(layer.num_kv_heads) for i in _top(grouped[kv], per_group)]
+    return heads, list(range(layer.num_kv_heads))
+
+
+def _head_multiple(layer: LayerUnits, gqa: str) -> int:
+    """Kept selectable head units must be a multiple of this to keep GQA groups consistent."""
+    return 1 if layer.heads_per_group == 1 or gqa == "group" else layer.num_kv_heads
+
+
+def _units(layer: LayerUnits, gqa: str) -> int:
+    g = layer.heads_per_group
+    return layer.num_kv_heads if g == 1 or gqa == "group" else layer.num_heads
+
+
+def _uniform_keep(total: int, ratio: float, multiple: int, key: str, layer: int) -> int:
+    keep = multiple * round(total * (1.0 - ratio) / multiple)
+    if keep <= 0:
+        raise ValueError(
+            f"{key}={ratio} would empty layer {layer} ({total} units, kept in multiples of {multiple}); "
+            f"use a ratio of at most {1 - multiple / total:.4g}"
+        )
+    return min(keep, total)
+
+
+def _check_removes_something(kind: str, ratio: float, kept: int, total: int, multiple: int) -> None:
+    if ratio > 0 and kept >= total:
+        raise ValueError(
+            f"{kind}={ratio} removes nothing: counts are kept in multiples of {multiple} of {total} "
+            f"(GQA groups / rounding); the smallest ratio that removes anything is {multiple / total:.4g}"
+        )
+
+
+def _global_counts(scores: list[torch.Tensor], ratio: float, multiples: list[int]) -> list[int]:
+    """Per-layer kept counts from one ranking over all layers; every layer keeps at least one multiple."""
+    flat = torch.cat([s.double().cpu() for s in scores])
+    total = flat.numel()
+    keep_total = round(total * (1.0 - ratio))
+    if keep_total >= total:
+        return [s.numel() for s in scores]
+    keep_mask = torch.zeros(total, dtype=torch.bool)
+    keep_mask[_top(flat, keep_total)] = True
+    counts, start = [], 0
+    for s, m in zip(scores, multiples):
+        kept = int(keep_mask[start : start + s.numel()].sum())
+        counts.append(_round_count(kept, m, s.numel()))
+        start += s.numel()
+    return counts
+
+
+def make_plan(model: nn.Module, scores: Scores, config: SelectionConfig, meta: dict | None = None) -> Plan:
+    """Choose kept heads and neurons of every layer from `scores` (larger = keep)."""
+    adapter = get_adapter(model)
+    layers = adapter.layers(model)
+    _check_scores_match(layers, scores)
+    if config.target_params is not None:
+        ratio = _ratio_for_budget(model, scores, config)
+        config = SelectionConfig(ratio, ratio, config.layout, config.round_to, config.gqa)
+    head_units = [_head_units(l, s, config.gqa)[0] for l, s in zip(layers, scores.heads)]
+    head_mult = [_head_multiple(l, config.gqa) for l in layers]
+    if config.layout == "uniform":
+        head_counts = [_uniform_keep(_units(l, config.gqa), config.heads, m, "heads", i) for i, (l, m) in enumerate(zip(layers, head_mult))]
+        neuron_counts = [_uniform_keep(l.intermediate_size, config.mlp, config.round_to, "mlp", i) for i, l in enumerate(layers)]
+    else:
+        head_counts = _global_counts(head_units, config.heads, head_mult)
+        neuron_counts = _global_counts(scores.neurons, config.mlp, [config.round_to] * len(layers))
+    _check_removes_something("heads", config.heads, sum(head_counts), sum(_units(l, config.gqa) for l in layers), head_mult[0])
+    _check_removes_something("mlp", config.mlp, sum(neuron_counts), sum(l.intermediate_size for l in layers), config.round_to)
+    heads, kv_heads, neurons = [], [], []
+    for layer, hs, ns, hc, nc in zip(layers, scores.heads, scores.neurons, head_counts, neuron_counts):
+        q, kv = _kept_heads(layer, hs, hc, config.gqa)
+        heads.append(q)
+        kv_heads.append(kv)
+        neurons.append(_top(ns, nc))
+    return Plan(
+        family=adapter.name,
+        layout=config.layout,
+        heads=heads,
+        kv_heads=kv_heads,
+        neurons=neurons,
+        dense_heads=[l.num_heads for l in layers],
+        dense_kv_heads=[l.num_kv_heads for l in layers],
+        dense_neurons=[l.intermediate_size for l in layers],
+        meta={"selection": asdict(config), **(meta or {})},
+    )
+
+
+def _check_scores_match(layers: list[LayerUnits], scores: Scores) -> None:
+    if len(scores.heads) != len(layers) or len(scores.neurons) != len(layers):
+        raise ValueError(f"scores cover {len(scores.heads)} layers but the model has {len(layers)}")
+    for i, (l, h, n) in enumerate(zip(layers, scores.heads, scores.neurons)):
+        if h.numel() != l.num_heads or n.numel() != l.intermediate_size:
+            raise ValueError(
+                f"layer {i}: scores have {h.numel()} heads / {n.numel()} neurons, "
+                f"the model {l.num_heads} / {l.intermediate_size}"
+            )
+
+
+def params_after(model: nn.Module, plan: Plan) -> int:
+    """Exact parameter count of `model` once `plan` is applied, without touching the model."""
+    adapter = get_adapter(model)
+    removed = 0
+    for layer, q, kv, n in zip(adapter.layers(model), plan.heads, plan.kv_heads, plan.neurons):
+        removed += sum(s.removed_numel() for s in adapter.attention_slices(layer, q, kv))
+        removed += sum(s.removed_numel() for s in adapter.mlp_slices(layer, n))
+    return sum(p.numel() for p in model.parameters()) - removed
+
+
+def _ratio_for_budget(model: nn.Module, scores: Scores, config: SelectionConfig) -> float:
+    """Smallest ratio (same for heads and MLP) whose plan has at most `target_params` parameters."""
+    target = config.target_params
+    dense = sum(p.numel() for p in model.parameters())
+    if dense <= target:
+        return 0.0
+
+    def size(ratio: float) -> int | None:
+        try:
+            plan = make_plan(model, scores, SelectionConfig(ratio, ratio, config.layout, config.round_to, config.gqa))
+        except ValueError:
+            return None
+        return params_after(model, plan)
+
+    lo, hi = 0.0, 0.999
+    smallest = size(hi)
+    if smallest is None or smallest > target:
+        raise ValueError(
+            f"target_params={target:,} cannot be met: the most pruned model still has "
+            f"{smallest if smallest is not None else 'more than'} parameters (dense {dense:,}); "
+            "embeddings and norms are not pruned"
+        )
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        s = size(mid)
+        if s is not None and s <= target:
+            hi = mid
+        else:
+            lo = mid
+        if hi - lo < 1e-4:
+            break
+    return hi

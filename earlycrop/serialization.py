@@ -1,0 +1,94 @@
+"""Save and load pruned models.
+
+Every pruned model saves with `save_pretrained` (safetensors) and records its per-layer layout
+in `config.json`. Where the family's config can describe the pruned shape (Llama-style models
+with a uniform layout; GPT-2 / BERT when only MLP widths changed uniformly) plain
+`AutoModel….from_pretrained` loads the folder; `earlycrop.from_pretrained` loads all of them.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import transformers
+from safetensors.torch import load_file
+from torch import nn
+from transformers import AutoConfig, PreTrainedModel
+
+from .surgery import LAYOUT_KEY, prune, shape_plan
+
+
+def plain_loadable(model_or_config) -> bool:
+    """Whether plain transformers `from_pretrained` rebuilds this (possibly pruned) model."""
+    config = getattr(model_or_config, "config", model_or_config)
+    layout = getattr(config, LAYOUT_KEY, None)
+    return layout is None or bool(layout.get("plain_loadable"))
+
+
+def save_pretrained(model: PreTrainedModel, out_dir: str | Path, tokenizer=None) -> Path:
+    """`model.save_pretrained` (safetensors) plus the tokenizer, if given."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    return out
+
+
+def _model_class(config) -> type[PreTrainedModel]:
+    archs = getattr(config, "architectures", None) or []
+    for name in archs:
+        cls = getattr(transformers, name, None)
+        if isinstance(cls, type) and issubclass(cls, PreTrainedModel):
+            return cls
+    raise ValueError(f"config.json names no transformers model class (architectures={archs!r})")
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (path / "model.safetensors").exists():
+        files = ["model.safetensors"]
+    else:
+        raise FileNotFoundError(f"{path} holds no model.safetensors (earlycrop loads safetensors weights only)")
+    state: dict[str, torch.Tensor] = {}
+    for name in files:
+        state.update(load_file(path / name))
+    return state
+
+
+def from_pretrained(path: str | Path, *, dtype: torch.dtype | None = None, **kwargs) -> PreTrainedModel:
+    """Load any model saved by earlycrop (or a plain HF folder) back to the identical model.
+
+    `kwargs` go to `from_pretrained` for plainly loadable folders (e.g. `attn_implementation`).
+    Remote code is never run.
+    """
+    path = Path(path)
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"{path} is not a model folder: config.json is missing")
+    config = AutoConfig.from_pretrained(path, trust_remote_code=False)
+    cls = _model_class(config)
+    if plain_loadable(config):
+        return cls.from_pretrained(path, dtype=dtype, trust_remote_code=False, **kwargs)
+    if "attn_implementation" in kwargs:
+        config._attn_implementation = kwargs.pop("attn_implementation")
+    layout = getattr(config, LAYOUT_KEY)
+    model = cls(config)
+    prune(model, shape_plan(model, layout))
+    _load_weights(model, _read_state_dict(path))
+    if dtype is not None:
+        model.to(dtype)
+    model.eval()
+    return model
+
+
+def _load_weights(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = set((getattr(model, "_tied_weights_keys", None) or {}))
+    missing = [k for k in missing if k not in tied]
+    if missing or unexpected:
+        raise ValueError(f"weights do not match the saved layout: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    model.tie_weights()
