@@ -1,0 +1,481 @@
+"""Offline-first data: documents, a locally trained tokenizer, packed blocks and calibration shards.
+
+The machine has no hub access, so every source that matters loads from local files or from the
+real English text that ships inside gensim's test data (DESIGN.md §6). Document granularity:
+
+- ``.txt`` files: one document per blank-line-separated paragraph block (``sample_by="paragraph"``),
+  so a paragraph wrapped over several lines stays one document;
+- ``gensim:wiki``: one document per Wikipedia article (its clean prose paragraphs joined by a blank
+  line), so a train/validation split by document never puts two paragraphs of one article on both sides;
+- ``gensim:lee``: one document per line of ``lee_background.cor`` (one news story per line).
+
+Splitting happens on documents *before* tokenisation and packing, so no text leaks across the split.
+"""
+
+from __future__ import annotations
+
+import bz2
+import codecs
+import functools
+import os
+import re
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import datasets
+import torch
+from datasets import Dataset
+from torch.utils.data import DataLoader
+from transformers import PreTrainedTokenizerFast
+
+__all__ = [
+    "EOS_TOKEN",
+    "PAD_TOKEN",
+    "load_documents",
+    "train_tokenizer",
+    "split_documents",
+    "pack_causal_lm",
+    "tokenize_classification",
+    "calibration_batches",
+    "shard_batches",
+    "stack_collate",
+    "make_dataloader",
+]
+
+EOS_TOKEN = "<|endoftext|>"
+PAD_TOKEN = "<|pad|>"
+
+GENSIM_WIKI = "gensim:wiki"
+GENSIM_LEE = "gensim:lee"
+_WIKI_FILE = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+_LEE_FILE = "lee_background.cor"
+
+# Extension -> `datasets` packaged builder.
+_BUILDERS: dict[str, str] = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+_MODEL_COLUMNS = ("input_ids", "attention_mask", "labels")
+# Missing sources with these suffixes are paths, never hub names.
+_PATH_SUFFIXES = {*_BUILDERS, ".csv", ".tsv", ".arrow", ".gz", ".bz2", ".zip"}
+
+T = TypeVar("T")
+
+# A wiki line that still carries markup, is a heading/list/table line, or is a link: not prose.
+_WIKI_MARKUP = re.compile(r"\[\[|\]\]|\{\{|\}\}|\||<|>|&[a-z]+;|^\s*[=*#:;!]|https?://")
+_SENTENCE_END = re.compile(r"[.!?][\"')\]]?$")
+_MIN_PARAGRAPH_WORDS = 8
+
+
+# --------------------------------------------------------------------------------------------------
+# Documents
+# --------------------------------------------------------------------------------------------------
+
+
+def load_documents(
+    source: str,
+    *,
+    text_field: str = "text",
+    label_field: str | None = None,
+    cache_dir: str | None = None,
+) -> Dataset:
+    """Load documents as a Dataset with a ``text`` column (and ``label`` when ``label_field`` is set).
+
+    ``source`` is a local file or folder (``.txt``, ``.jsonl``/``.json``, ``.parquet``), ``gensim:wiki``,
+    ``gensim:lee``, or a hub dataset name (which only works where the hub is reachable or cached).
+    String labels are encoded to class ids here, before any split, so train and validation share
+    one label mapping.
+    """
+    if source == GENSIM_WIKI:
+        if label_field is not None:
+            raise ValueError(f"{source!r} has no labels; drop label_field={label_field!r} or use a labelled local file")
+        return _from_texts(list(_wiki_articles()), source)
+    if source == GENSIM_LEE:
+        if label_field is not None:
+            raise ValueError(f"{source!r} has no labels; drop label_field={label_field!r} or use a labelled local file")
+        return _from_texts(list(_lee_documents()), source)
+    if source.startswith("gensim:"):
+        raise ValueError(f"unknown gensim corpus {source!r}; use {GENSIM_WIKI!r} or {GENSIM_LEE!r}")
+
+    path = Path(source).expanduser()
+    if path.exists():
+        ds = _load_local(path, cache_dir=cache_dir)
+    elif _looks_like_path(source):
+        raise FileNotFoundError(f"data source {source!r} does not exist; pass an existing file or folder")
+    else:
+        ds = _load_hub(source, cache_dir=cache_dir)
+    return _select_fields(ds, source, text_field=text_field, label_field=label_field)
+
+
+def _looks_like_path(source: str) -> bool:
+    """A missing source that is clearly meant as a path must not be sent to the hub."""
+    return source.startswith((".", "/", "~")) or Path(source).suffix.lower() in _PATH_SUFFIXES
+
+
+def _load_local(path: Path, *, cache_dir: str | None) -> Dataset:
+    """Load a local file or a folder of same-type files through the matching `datasets` builder."""
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+        kinds = {p.suffix.lower() for p in files if p.suffix.lower() in _BUILDERS}
+        if not kinds:
+            raise ValueError(
+                f"folder {str(path)!r} holds no supported data files; add {sorted(_BUILDERS)} files"
+            )
+        builders = {_BUILDERS[k] for k in kinds}
+        if len(builders) > 1:
+            raise ValueError(
+                f"folder {str(path)!r} mixes file types {sorted(kinds)}; keep one format per folder"
+            )
+        files = [p for p in files if p.suffix.lower() in kinds]
+    else:
+        suffix = path.suffix.lower()
+        if suffix not in _BUILDERS:
+            raise ValueError(
+                f"unsupported data file {str(path)!r} (extension {suffix or 'none'!r}); "
+                f"use one of {sorted(_BUILDERS)}"
+            )
+        files = [path]
+    builder = _BUILDERS[files[0].suffix.lower()]
+    for f in files:
+        if f.stat().st_size == 0:
+            raise ValueError(f"data file {str(f)!r} is empty; add documents or remove it")
+        if builder != "parquet":
+            _check_utf8(f)
+    kwargs: dict[str, Any] = {"sample_by": "paragraph"} if builder == "text" else {}
+    try:
+        ds = datasets.load_dataset(
+            builder, data_files=[str(f) for f in files], split="train", cache_dir=cache_dir, **kwargs
+        )
+    except Exception as exc:  # datasets wraps parse errors in its own types; name the file instead.
+        raise ValueError(f"could not read {str(path)!r} as {builder}: {exc}") from exc
+    assert isinstance(ds, Dataset)
+    return ds
+
+
+def _check_utf8(path: Path) -> None:
+    """Fail early with the file name: `datasets` reports decode errors deep inside a worker."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    with path.open("rb") as fh:
+        while chunk := fh.read(1 << 20):
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as exc:
+                raise ValueError(
+                    f"data file {str(path)!r} is not UTF-8 (bad byte at offset {offset + exc.start}); "
+                    "re-encode it as UTF-8, e.g. `iconv -f latin1 -t utf-8`"
+                ) from exc
+            offset += len(chunk)
+        try:
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"data file {str(path)!r} is not UTF-8 (truncated sequence at end); re-encode it") from exc
+
+
+def _load_hub(name: str, *, cache_dir: str | None) -> Dataset:
+    """Try the hub (or its local cache); offline, say so and point at local files."""
+    try:
+        ds = datasets.load_dataset(name, split="train", cache_dir=cache_dir)
+    except Exception as exc:
+        raise ValueError(
+            f"{name!r} is not a local file or folder, and loading it as a hub dataset failed ({exc}). "
+            "This machine is offline: pass a local .txt/.jsonl/.json/.parquet file or folder, "
+            f"or {GENSIM_WIKI!r} / {GENSIM_LEE!r}"
+        ) from exc
+    assert isinstance(ds, Dataset)
+    return ds
+
+
+def _select_fields(ds: Dataset, source: str, *, text_field: str, label_field: str | None) -> Dataset:
+    """Keep only text (and label), renamed to the canonical names, dropping blank documents."""
+    missing = [f for f in (text_field, label_field) if f is not None and f not in ds.column_names]
+    if missing:
+        raise ValueError(
+            f"{source!r} has no field {missing[0]!r} (fields: {ds.column_names}); "
+            "set text_field/label_field to one of those"
+        )
+    text_type = ds.features[text_field]
+    if getattr(text_type, "dtype", None) not in ("string", "large_string"):
+        raise ValueError(f"field {text_field!r} in {source!r} is {text_type}, not text; choose a string field")
+    keep = [text_field] + ([label_field] if label_field is not None else [])
+    ds = ds.select_columns(keep)
+    if text_field != "text":
+        ds = ds.rename_column(text_field, "text")
+    if label_field is not None and label_field != "label":
+        ds = ds.rename_column(label_field, "label")
+    ds = ds.filter(lambda t: t is not None and t.strip() != "", input_columns="text")
+    if len(ds) == 0:
+        raise ValueError(f"{source!r} holds no non-empty documents in field {text_field!r}; add text")
+    if label_field is not None:
+        ds = _encode_labels(ds, source, label_field)
+    return ds
+
+
+def _encode_labels(ds: Dataset, source: str, label_field: str) -> Dataset:
+    """Integer labels pass through; string labels become class ids (sorted names)."""
+    feature = ds.features["label"]
+    if isinstance(feature, datasets.ClassLabel):
+        return ds
+    dtype = getattr(feature, "dtype", None)
+    if dtype in ("string", "large_string"):
+        if any(v is None for v in ds["label"]):
+            raise ValueError(f"field {label_field!r} in {source!r} has missing labels; give every document a label")
+        return ds.class_encode_column("label")
+    if dtype is None or not (dtype.startswith("int") or dtype.startswith("uint") or dtype == "bool"):
+        raise ValueError(
+            f"field {label_field!r} in {source!r} is {feature}; labels must be integers or class-name strings"
+        )
+    if any(v is None for v in ds["label"]):
+        raise ValueError(f"field {label_field!r} in {source!r} has missing labels; give every document a label")
+    return ds
+
+
+def _from_texts(texts: list[str], source: str) -> Dataset:
+    if not texts:
+        raise ValueError(f"{source!r} produced no documents; the gensim test data may be missing or corrupt")
+    return Dataset.from_dict({"text": texts})
+
+
+def _gensim_file(name: str) -> str:
+    from gensim.test.utils import datapath
+
+    path = datapath(name)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"gensim test data file {path!r} is missing; reinstall gensim==4.4.0")
+    return path
+
+
+@functools.lru_cache(maxsize=1)
+def _wiki_articles() -> tuple[str, ...]:
+    """Plain-text articles of gensim's shortened enwiki dump (cached: markup stripping takes seconds)."""
+    from gensim.corpora.wikicorpus import extract_pages, filter_wiki
+
+    articles: list[str] = []
+    with bz2.open(_gensim_file(_WIKI_FILE), "rb") as fh:
+        for _title, raw, _pageid in extract_pages(fh, filter_namespaces=("0",)):
+            if raw.lstrip().upper().startswith("#REDIRECT"):
+                continue
+            paragraphs = [p for line in filter_wiki(raw).splitlines() if (p := _clean_wiki_line(line))]
+            if paragraphs:
+                articles.append("\n\n".join(paragraphs))
+    return tuple(articles)
+
+
+def _clean_wiki_line(line: str) -> str | None:
+    """Return a prose paragraph, or None for headings, lists, tables, captions and leftover markup."""
+    line = re.sub(r"'{2,}", "", line)  # bold/italic quotes
+    line = re.sub(r"\(\s*[,;]?\s*\)", "", line)  # parentheses emptied by template removal
+    line = re.sub(r"\s+", " ", line).strip()
+    if not line or _WIKI_MARKUP.search(line):
+        return None
+    if len(line.split()) < _MIN_PARAGRAPH_WORDS or not _SENTENCE_END.search(line):
+        return None
+    return line
+
+
+def _lee_documents() -> list[str]:
+    """One Lee news story per line."""
+    text = Path(_gensim_file(_LEE_FILE)).read_text(encoding="utf-8")
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+# --------------------------------------------------------------------------------------------------
+# Tokenizer
+# --------------------------------------------------------------------------------------------------
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE tokenizer on local text (no hub needed; any byte is encodable).
+
+    ``<|endoftext|>`` is eos/bos/unk and ``<|pad|>`` pads. Encoding adds no special tokens, so
+    ``decode(encode(text)) == text``; packing appends eos itself.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    specials = [EOS_TOKEN, PAD_TOKEN]
+    minimum = len(pre_tokenizers.ByteLevel.alphabet()) + len(specials)
+    if vocab_size < minimum:
+        raise ValueError(f"vocab_size={vocab_size} is below {minimum} (256 bytes + special tokens); raise it")
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    seen = 0
+
+    def counted() -> Iterable[str]:
+        nonlocal seen
+        for text in texts:
+            seen += 1
+            yield text
+
+    tok.train_from_iterator(counted(), trainer=trainer)
+    if seen == 0:
+        raise ValueError("train_tokenizer got no texts; pass the training documents")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token=EOS_TOKEN,
+        bos_token=EOS_TOKEN,
+        unk_token=EOS_TOKEN,
+        pad_token=PAD_TOKEN,
+        clean_up_tokenization_spaces=False,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Splitting, packing, classification
+# --------------------------------------------------------------------------------------------------
+
+
+def split_documents(ds: Dataset, validation_fraction: float, seed: int) -> tuple[Dataset, Dataset]:
+    """Split by document before tokenisation, so no text leaks from train into validation."""
+    if not 0.0 < validation_fraction < 1.0:
+        raise ValueError(f"validation_fraction={validation_fraction} must be in (0, 1); e.g. 0.1")
+    n = len(ds)
+    n_val = round(n * validation_fraction)
+    if n_val == 0 or n_val == n:
+        side = "validation" if n_val == 0 else "train"
+        raise ValueError(
+            f"splitting {n} documents with validation_fraction={validation_fraction} leaves the {side} side "
+            "empty; add documents or change validation_fraction"
+        )
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    val_idx, train_idx = sorted(perm[:n_val]), sorted(perm[n_val:])
+    return ds.select(train_idx), ds.select(val_idx)
+
+
+def pack_causal_lm(ds: Dataset, tokenizer: PreTrainedTokenizerFast, seq_len: int) -> Dataset:
+    """Tokenize, append eos after each document, concatenate and cut into ``seq_len`` blocks.
+
+    The tail shorter than one block is dropped. Blocks come from one global stream (not per map
+    batch), so their concatenation is exactly a prefix of the tokenized stream.
+    """
+    if seq_len < 1:
+        raise ValueError(f"seq_len={seq_len} must be positive")
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has no eos token; packing needs one to separate documents")
+    eos = tokenizer.eos_token_id
+
+    def tokenize(batch: dict[str, list]) -> dict[str, list]:
+        ids = tokenizer(batch["text"], add_special_tokens=False)["input_ids"]
+        return {"input_ids": [x + [eos] for x in ids]}
+
+    tokens = ds.map(tokenize, batched=True, remove_columns=ds.column_names, desc="tokenize")
+    total = sum(len(x) for x in tokens["input_ids"])
+    if total < seq_len:
+        raise ValueError(
+            f"the dataset ({len(ds)} documents, {total} tokens) is too short for one block of "
+            f"seq_len={seq_len}; add text or lower seq_len"
+        )
+
+    def group(batch: dict[str, list]) -> dict[str, list]:
+        stream = [t for ids in batch["input_ids"] for t in ids]
+        usable = len(stream) - len(stream) % seq_len
+        blocks = [stream[i : i + seq_len] for i in range(0, usable, seq_len)]
+        return {"input_ids": blocks, "labels": [list(b) for b in blocks]}
+
+    # batch_size=None: one batch over the whole dataset, so documents are concatenated globally.
+    return tokens.map(group, batched=True, batch_size=None, remove_columns=["input_ids"], desc="pack")
+
+
+def tokenize_classification(ds: Dataset, tokenizer: PreTrainedTokenizerFast, seq_len: int) -> Dataset:
+    """Tokenize labelled documents to fixed ``seq_len`` (truncate, pad) with ``labels``."""
+    if "label" not in ds.column_names:
+        raise ValueError(
+            f"classification needs a 'label' column (columns: {ds.column_names}); load with label_field=..."
+        )
+    if seq_len < 1:
+        raise ValueError(f"seq_len={seq_len} must be positive")
+    if tokenizer.pad_token_id is None:
+        raise ValueError("the tokenizer has no pad token; set tokenizer.pad_token before tokenizing")
+
+    def encode(batch: dict[str, list]) -> dict[str, list]:
+        enc = tokenizer(
+            batch["text"], padding="max_length", truncation=True, max_length=seq_len, add_special_tokens=False
+        )
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": batch["label"]}
+
+    return ds.map(encode, batched=True, remove_columns=ds.column_names, desc="tokenize")
+
+
+# --------------------------------------------------------------------------------------------------
+# Calibration batches and data-parallel shards
+# --------------------------------------------------------------------------------------------------
+
+
+def calibration_batches(
+    blocks: Dataset, *, num_batches: int, batch_size: int, seed: int
+) -> list[dict[str, torch.Tensor]]:
+    """Draw ``num_batches`` equal-shape batches from the training blocks, without replacement.
+
+    Deterministic for a seed and independent of the number of ranks: every rank draws the same list,
+    then scores only its shard (see :func:`shard_batches`).
+    """
+    if num_batches < 1 or batch_size < 1:
+        raise ValueError(f"num_batches={num_batches} and batch_size={batch_size} must both be positive")
+    need = num_batches * batch_size
+    if len(blocks) < need:
+        raise ValueError(
+            f"calibration needs {num_batches} batches x {batch_size} = {need} blocks but the training set has "
+            f"only {len(blocks)}; lower num_batches/batch_size or seq_len, or add training text"
+        )
+    columns = [c for c in _MODEL_COLUMNS if c in blocks.column_names]
+    if "input_ids" not in columns:
+        raise ValueError(f"blocks have no 'input_ids' column (columns: {blocks.column_names}); pack them first")
+    perm = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(seed))[:need].tolist()
+    drawn = blocks.select(perm).with_format("torch", columns=columns)
+    return [drawn[i * batch_size : (i + 1) * batch_size] for i in range(num_batches)]
+
+
+def shard_batches(batches: Sequence[T], rank: int, world_size: int) -> list[T]:
+    """The batches this data-parallel rank scores: ``batches[rank::world_size]``.
+
+    Each batch lands on exactly one rank, so all-reducing per-rank sums gives the exact full-data score.
+    """
+    if world_size < 1:
+        raise ValueError(f"world_size={world_size} must be at least 1")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank={rank} is outside 0..{world_size - 1} for world_size={world_size}")
+    if world_size > len(batches):
+        raise ValueError(
+            f"a launch with more ranks than calibration batches: {len(batches)} batches for {world_size} ranks "
+            f"would leave a rank idle; raise the number of calibration batches to at least {world_size}"
+        )
+    return list(batches[rank::world_size])
+
+
+# --------------------------------------------------------------------------------------------------
+# Loaders
+# --------------------------------------------------------------------------------------------------
+
+
+def stack_collate(rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """Stack equal-shape per-row tensors into a batch (packed blocks need no padding)."""
+    return {k: torch.stack([torch.as_tensor(r[k]) for r in rows]) for k in rows[0]}
+
+
+def make_dataloader(
+    blocks: Dataset,
+    batch_size: int,
+    *,
+    shuffle: bool,
+    seed: int,
+    collate: Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]] | None = None,
+    drop_last: bool = False,
+) -> DataLoader:
+    """A plain DataLoader over the model columns, with a seeded generator for reproducible shuffles."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} must be positive")
+    columns = [c for c in _MODEL_COLUMNS if c in blocks.column_names]
+    if not columns:
+        raise ValueError(f"dataset has none of {list(_MODEL_COLUMNS)} (columns: {blocks.column_names}); tokenize it first")
+    return DataLoader(
+        blocks.with_format("torch", columns=columns),
+        batch_size=batch_size,
+        shuffle=shuffle,
+        generator=torch.Generator().manual_seed(seed),
+        collate_fn=collate or stack_collate,
+        drop_last=drop_last,
+    )
