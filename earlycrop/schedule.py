@@ -1,0 +1,51 @@
+"""When to prune: the paper's weight-distance rule, with "epoch" replaced by N optimizer steps.
+
+w_1 = the prunable weights after the first interval; after interval e, d_e = ‖w_e − w_1‖ / ‖w_1‖;
+τ = d_2 · min(1 − S − 0.1, 0.99) (S = fraction removed; τ ≤ 0 never fires); prune after the first
+interval e ≥ 3 with |d_e − d_{e−1}| < τ, or at the cap (DESIGN.md §2).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class WeightDistanceRule:
+    interval: int
+    cap: int
+    sparsity: float
+    trace: list[tuple[int, float]] = field(default_factory=list)
+    _w1: torch.Tensor | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.interval < 1 or self.cap < 1:
+            raise ValueError("auto pruning needs interval >= 1 and cap >= 1 steps")
+        if not 0.0 <= self.sparsity < 1.0:
+            raise ValueError(f"sparsity {self.sparsity} must be in [0, 1)")
+
+    @property
+    def threshold(self) -> float | None:
+        if len(self.trace) < 2:
+            return None
+        return self.trace[1][1] * min(1.0 - self.sparsity - 0.1, 0.99)
+
+    def observe(self, step: int, weights: list[torch.Tensor]) -> bool:
+        """Record the weights after optimizer step `step`; True when pruning should happen now."""
+        if step >= self.cap:
+            return True
+        if step % self.interval:
+            return False
+        flat = torch.cat([w.detach().reshape(-1).double().cpu() for w in weights])
+        if self._w1 is None:
+            self._w1 = flat
+            self.trace.append((step, 0.0))
+            return False
+        self.trace.append((step, float((flat - self._w1).norm() / self._w1.norm().clamp_min(1e-30))))
+        # trace[0] is w_1 itself (d_1 = 0): interval e >= 3 has index >= 2
+        tau = self.threshold
+        if len(self.trace) < 3 or tau is None or tau <= 0:
+            return False
+        return abs(self.trace[-1][1] - self.trace[-2][1]) < tau

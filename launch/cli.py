@@ -1,0 +1,113 @@
+"""`earlycrop` command line: `run` a configured job, `prune` a model you have.
+
+Both work in one process, under `torchrun --nproc_per_node N` and under `accelerate launch`;
+calibration batches are then sharded over the ranks and the scores all-reduced exactly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+LAUNCH_DIR = Path(__file__).parent / "accelerate"
+
+EPILOG_RUN = """examples:
+  accelerate launch --config_file launch/accelerate/cpu_2proc.yaml -m launch.cli run configs/quickstart.yaml
+  torchrun --nproc_per_node 2 -m launch.cli run configs/quickstart.yaml output_dir=runs/mine train.max_steps=50
+  earlycrop run configs/quickstart.yaml --print-commands     # the launch command for every launch config
+"""
+
+EPILOG_PRUNE = """GPT-2 and BERT derive head size from hidden size / heads, so a head cut cannot be described by
+their config: such outputs load with earlycrop.from_pretrained(DIR), not plain transformers.
+Llama / Qwen2 / Mistral with --layout uniform (and any MLP-only uniform cut) also load with plain
+AutoModelFor....from_pretrained(DIR)."""
+
+
+def _ratio(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"{text} is not a fraction in [0, 1)")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="earlycrop", description="Structured EarlyCroP pruning and training for Hugging Face transformers.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="score → prune → train → evaluate → save, tracked in MLflow", epilog=EPILOG_RUN,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    run.add_argument("config", help="YAML experiment config (see configs/)")
+    run.add_argument("overrides", nargs="*", help="key=value overrides, e.g. output_dir=/tmp/run train.lr=1e-3")
+    run.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in output_dir")
+    run.add_argument("--print-commands", action="store_true", help="print the launch command for each config in launch/accelerate and exit")
+
+    prune = sub.add_parser("prune", help="prune a local Hugging Face model folder and save the result", epilog=EPILOG_PRUNE,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    prune.add_argument("--model", required=True, help="local model folder (config.json, *.safetensors, tokenizer)")
+    prune.add_argument("--data", required=True, help="calibration text: .txt / .jsonl / .parquet file or folder, or gensim:wiki / gensim:lee")
+    prune.add_argument("--criterion", default="earlycrop", help="earlycrop, grasp, snip, fisher, magnitude, activation or random")
+    prune.add_argument("--heads", type=_ratio, default=0.0, help="fraction of attention heads REMOVED")
+    prune.add_argument("--mlp", type=_ratio, default=0.0, help="fraction of MLP neurons REMOVED")
+    prune.add_argument("--layout", choices=["uniform", "global"], default="uniform")
+    prune.add_argument("--gqa", choices=["per_group", "group"], default="per_group", help="GQA: equal query heads per group, or whole groups")
+    prune.add_argument("--round-to", type=int, default=1, help="round kept neuron counts to a multiple (e.g. 8)")
+    prune.add_argument("--hvp", choices=["exact", "finite_difference"], default="exact", help="how earlycrop/grasp compute H·g")
+    prune.add_argument("--batches", type=int, default=5, help="calibration batches (sharded over ranks)")
+    prune.add_argument("--batch-size", type=int, default=8)
+    prune.add_argument("--seq-len", type=int, default=128)
+    prune.add_argument("--text-field", default="text")
+    prune.add_argument("--label-field", default=None, help="label column, for sequence-classification models")
+    prune.add_argument("--seed", type=int, default=0)
+    prune.add_argument("--out", required=True, help="output folder for the pruned model, plan.json and scores.safetensors")
+    return parser
+
+
+def print_commands(config: str) -> None:
+    for yaml_file in sorted(LAUNCH_DIR.glob("*.yaml")):
+        print(f"# {yaml_file.stem}\naccelerate launch --config_file {yaml_file} -m launch.cli run {config}\n")
+    print(f"# torchrun, N processes on this machine\ntorchrun --nproc_per_node N -m launch.cli run {config}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "run":
+            from pipeline.config import load_config
+
+            cfg = load_config(args.config, args.overrides)
+            if args.print_commands:
+                print_commands(args.config)
+                return 0
+            from pipeline.run import run
+
+            summary = run(cfg, resume=args.resume)
+            if int(os.environ.get("RANK", "0")) == 0:
+                _print_run_summary(cfg, summary)
+        else:
+            from pipeline.prune_job import prune_model
+
+            prune_model(args)
+    except (ValueError, FileNotFoundError, FloatingPointError, RuntimeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"earlycrop: error: {first}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _print_run_summary(cfg, summary: dict) -> None:
+    out = Path(cfg.output_dir)
+    print(f"params {summary['params_dense']:,} → {summary['params_final']:,}; "
+          f"val loss {summary['val_loss']:.4f} (perplexity {summary['val_perplexity']:.2f}) after {summary['steps']} steps")
+    info = out / "run_info.json"
+    if info.is_file():
+        import json
+
+        meta = json.loads(info.read_text())
+        print(f"MLflow run {meta['run_id']} at {meta['tracking_uri']}")
+        print(f"view it: mlflow ui --host 127.0.0.1 --backend-store-uri {meta['tracking_uri']}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,172 @@
+"""Typed run configuration: one YAML file in `configs/`, overridable as `key.sub=value` on the CLI.
+
+Validated before any heavy work; unknown keys and wrong types are errors that name the key.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from earlycrop.criteria import CRITERIA
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Strict):
+    """Either a local model folder (`name_or_path`) or a family built from scratch with `init` kwargs."""
+
+    name_or_path: str | None = None
+    family: Literal["llama", "qwen2", "mistral", "gpt2", "bert"] | None = None
+    task: Literal["causal_lm", "sequence_classification"] = "causal_lm"
+    num_labels: int = Field(2, ge=2)
+    init: dict[str, Any] = Field(default_factory=dict)
+    attn_implementation: Literal["eager", "sdpa"] = "sdpa"
+    dtype: Literal["float32", "bfloat16", "float64"] = "float32"
+    trust_remote_code: bool = False
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelConfig:
+        if (self.name_or_path is None) == (self.family is None):
+            raise ValueError("set exactly one of model.name_or_path (a model folder) or model.family (from scratch)")
+        return self
+
+
+class DataConfig(_Strict):
+    """Where text comes from and how it becomes blocks; `source` is a file, folder, `gensim:wiki|lee` or a hub name."""
+
+    source: str
+    text_field: str = "text"
+    label_field: str | None = None
+    tokenizer: str | None = None
+    vocab_size: int = Field(4096, ge=256)
+    seq_len: int = Field(128, ge=8)
+    validation_fraction: float = Field(0.05, gt=0.0, lt=0.5)
+
+
+class PruneConfig(_Strict):
+    """What to score, how much to remove and when (`prune_at`: a step, 0 = before training, `auto`, or `never`)."""
+
+    criterion: str = "earlycrop"
+    hvp: Literal["exact", "finite_difference"] = "exact"
+    fd_step: float = Field(1e-4, gt=0.0)
+    heads: float = Field(0.5, ge=0.0, lt=1.0)
+    mlp: float = Field(0.5, ge=0.0, lt=1.0)
+    layout: Literal["uniform", "global"] = "uniform"
+    round_to: int = Field(1, ge=1)
+    gqa: Literal["per_group", "group"] = "per_group"
+    target_params: int | None = Field(None, gt=0)
+    prune_at: int | Literal["auto", "never"] = 0
+    auto_interval: int = Field(10, ge=1)
+    auto_cap: int = Field(200, ge=1)
+    calibration_batches: int = Field(4, ge=1)
+    calibration_batch_size: int = Field(8, ge=1)
+    schedule_after_prune: Literal["restart", "continue"] = "restart"
+
+    @field_validator("criterion")
+    @classmethod
+    def _known_criterion(cls, value: str) -> str:
+        if value not in CRITERIA:
+            raise ValueError(f"unknown criterion {value!r}; choose one of: {', '.join(sorted(CRITERIA))}")
+        return value
+
+    @field_validator("prune_at")
+    @classmethod
+    def _non_negative(cls, value):
+        if isinstance(value, int) and value < 0:
+            raise ValueError("prune_at must be >= 0, 'auto' or 'never'")
+        return value
+
+
+class TrainConfig(_Strict):
+    """The Accelerate loop; `max_steps` counts optimizer steps."""
+
+    max_steps: int = Field(100, ge=1)
+    micro_batch_size: int = Field(8, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    lr: float = Field(3e-4, gt=0.0)
+    weight_decay: float = Field(0.1, ge=0.0)
+    warmup_steps: int = Field(10, ge=0)
+    scheduler: Literal["cosine", "one_cycle", "constant"] = "cosine"
+    max_grad_norm: float | None = Field(1.0, gt=0.0)
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    eval_every: int = Field(50, ge=1)
+    eval_batches: int = Field(20, ge=1)
+    log_every: int = Field(10, ge=1)
+    checkpoint_every: int = Field(0, ge=0)
+    keep_checkpoints: int = Field(2, ge=1)
+
+
+class RunConfig(_Strict):
+    """A whole experiment: model, data, pruning, training and tracking."""
+
+    seed: int = 0
+    output_dir: str = "runs/default"
+    experiment: str = "earlycrop"
+    run_name: str | None = None
+    tracking: bool = True
+    tracking_uri: str | None = None
+    tracking_fallback_local: bool = False
+    model: ModelConfig
+    data: DataConfig
+    prune: PruneConfig = Field(default_factory=PruneConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RunConfig:
+        if self.model.task == "sequence_classification" and self.data.label_field is None:
+            raise ValueError("model.task is sequence_classification: set data.label_field")
+        if isinstance(self.prune.prune_at, int) and self.prune.prune_at >= self.train.max_steps:
+            raise ValueError(
+                f"prune.prune_at={self.prune.prune_at} is not before train.max_steps={self.train.max_steps}"
+            )
+        return self
+
+
+def _format_error(err: ValidationError, origin: str) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        lines.append(f"{key}: {msg}")
+    return f"invalid config {origin}: " + "; ".join(lines)
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply `a.b=value` overrides (values parsed as YAML) to a nested dict."""
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} is not key=value (e.g. output_dir=/tmp/run or train.lr=1e-3)")
+        key, raw = item.split("=", 1)
+        node = data
+        *parents, leaf = key.strip().split(".")
+        for part in parents:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ValueError(f"override {key!r}: {part!r} is not a section")
+            node = child
+        node[leaf] = yaml.safe_load(raw) if raw != "" else None
+    return data
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
+    """Read a YAML config, apply overrides, validate; raise ValueError naming each bad key."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ValueError(f"config {path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"config {path} must be a mapping of keys to values")
+    data = apply_overrides(data, list(overrides))
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as err:
+        raise ValueError(_format_error(err, str(path))) from None

@@ -1,0 +1,80 @@
+"""Build the model a run starts from: a local folder (dense or already pruned) or a family from scratch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    BertConfig,
+    GPT2Config,
+    LlamaConfig,
+    MistralConfig,
+    PreTrainedModel,
+    Qwen2Config,
+)
+
+import earlycrop
+
+from .config import ModelConfig
+
+CONFIG_TYPES = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig, "gpt2": GPT2Config, "bert": BertConfig}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
+AUTO_CLASSES = {"causal_lm": AutoModelForCausalLM, "sequence_classification": AutoModelForSequenceClassification}
+
+
+def check_model_folder(path: str) -> None:
+    """Fail early and clearly on a model folder that cannot be loaded."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"model folder {folder} does not exist (this machine loads local folders only)")
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"model folder {folder} has no config.json: save the model with save_pretrained")
+    if not any(folder.glob("*.safetensors")):
+        raise FileNotFoundError(f"model folder {folder} has no *.safetensors weights (only safetensors are loaded)")
+
+
+def build_model(cfg: ModelConfig, vocab_size: int, pad_token_id: int | None, seed: int) -> PreTrainedModel:
+    """The starting model, identical on every rank (seeded)."""
+    torch.manual_seed(seed)
+    dtype = DTYPES[cfg.dtype]
+    if cfg.name_or_path is not None:
+        check_model_folder(cfg.name_or_path)
+        model = earlycrop.from_pretrained(cfg.name_or_path, dtype=dtype, attn_implementation=cfg.attn_implementation)
+        if cfg.task == "sequence_classification" and not type(model).__name__.endswith("SequenceClassification"):
+            model = _reload_for_classification(cfg, model)
+        return model.train()
+    config_cls = CONFIG_TYPES[cfg.family]
+    kwargs = dict(cfg.init)
+    kwargs.setdefault("vocab_size", vocab_size)
+    if pad_token_id is not None:
+        kwargs.setdefault("pad_token_id", pad_token_id)
+    if cfg.task == "sequence_classification":
+        kwargs["num_labels"] = cfg.num_labels
+    config = config_cls(**kwargs)
+    if config.vocab_size < vocab_size:
+        raise ValueError(f"model.init.vocab_size={config.vocab_size} is smaller than the tokenizer's {vocab_size}")
+    config._attn_implementation = cfg.attn_implementation
+    model = AUTO_CLASSES[cfg.task].from_config(config, dtype=dtype)
+    return model.train()
+
+
+def _reload_for_classification(cfg: ModelConfig, model: PreTrainedModel) -> PreTrainedModel:
+    """A pretrained encoder with a NEW, randomly initialised classification head."""
+    if not earlycrop.plain_loadable(model):
+        raise ValueError("attaching a classification head to a head-pruned BERT/GPT-2 folder is not supported; prune after loading")
+    return AutoModelForSequenceClassification.from_pretrained(
+        cfg.name_or_path, num_labels=cfg.num_labels, dtype=DTYPES[cfg.dtype],
+        attn_implementation=cfg.attn_implementation, trust_remote_code=cfg.trust_remote_code,
+    )
+
+
+def load_model_tokenizer(path: str):
+    """The tokenizer saved in a model folder, or None when the folder has none."""
+    folder = Path(path)
+    if any((folder / name).exists() for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt")):
+        return AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+    return None

@@ -1,0 +1,338 @@
+"""The end-to-end job: data → model → score → select → prune → train → evaluate → save, tracked.
+
+Launched under `accelerate launch` or `torchrun`; every rank runs this same code. Scoring is
+exact across ranks (pipeline.distributed); MLflow is written by rank 0 only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType, InitProcessGroupKwargs
+from safetensors.torch import load_file, save_file
+
+import earlycrop
+from earlycrop.criteria import Scores
+from earlycrop.schedule import WeightDistanceRule
+
+from . import data as data_lib
+from .config import RunConfig
+from .distributed import check_same_on_all_ranks, score_sharded
+from .modeling import build_model, load_model_tokenizer
+from .plots import plot_kept_units, plot_loss_curves, plot_scores
+from .tracking import create_tracker, flatten_config
+from .train import BlockSampler, Loop, TrainerState, evaluate, latest_checkpoint, load_trainer_state, train
+
+SCORES_FILE = "scores.safetensors"
+PLAN_FILE = "plan.json"
+
+
+@dataclass
+class StageTimer:
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @contextmanager
+    def __call__(self, stage: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start
+
+
+def make_accelerator(cfg: RunConfig) -> Accelerator:
+    """Accelerator for this launch; gloo on CPU-only machines (DeepSpeed on CPU needs it said explicitly)."""
+    multi_process = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    handlers = []
+    if multi_process and not torch.cuda.is_available():
+        handlers.append(InitProcessGroupKwargs(backend="gloo", timeout=timedelta(minutes=30)))
+    accelerator = Accelerator(
+        gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
+        mixed_precision=cfg.train.mixed_precision,
+        kwargs_handlers=handlers,
+    )
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        ds = accelerator.state.deepspeed_plugin.deepspeed_config
+        ds["train_micro_batch_size_per_gpu"] = cfg.train.micro_batch_size
+        ds["gradient_accumulation_steps"] = cfg.train.gradient_accumulation_steps
+        ds["train_batch_size"] = cfg.train.micro_batch_size * cfg.train.gradient_accumulation_steps * accelerator.num_processes
+        if cfg.train.max_grad_norm:
+            ds["gradient_clipping"] = cfg.train.max_grad_norm
+    return accelerator
+
+
+def zero_stage(accelerator: Accelerator) -> int | None:
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return None
+    return int(accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {}).get("stage", 0))
+
+
+def git_revision() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).parent)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+@dataclass
+class Prepared:
+    """Text turned into tensors, identical on every rank."""
+
+    tokenizer: object
+    train_blocks: dict[str, torch.Tensor]
+    val_blocks: dict[str, torch.Tensor]
+    calibration: list[dict[str, torch.Tensor]]
+
+
+def _to_tensors(ds) -> dict[str, torch.Tensor]:
+    cols = [c for c in ("input_ids", "attention_mask", "labels") if c in ds.column_names]
+    return {c: torch.tensor(list(ds[c])) for c in cols}
+
+
+def prepare_data(cfg: RunConfig, accelerator: Accelerator) -> Prepared:
+    """Documents → split → tokenizer → blocks → calibration batches (drawn from the training split)."""
+    d = cfg.data
+    docs = data_lib.load_documents(d.source, text_field=d.text_field, label_field=d.label_field)
+    train_docs, val_docs = data_lib.split_documents(docs, d.validation_fraction, cfg.seed)
+    tokenizer = _tokenizer(cfg, accelerator, train_docs)
+    if cfg.model.task == "causal_lm":
+        train_ds = data_lib.pack_causal_lm(train_docs, tokenizer, d.seq_len)
+        val_ds = data_lib.pack_causal_lm(val_docs, tokenizer, d.seq_len)
+    else:
+        train_ds = data_lib.tokenize_classification(train_docs, tokenizer, d.seq_len)
+        val_ds = data_lib.tokenize_classification(val_docs, tokenizer, d.seq_len)
+    calibration = data_lib.calibration_batches(
+        train_ds, num_batches=cfg.prune.calibration_batches, batch_size=cfg.prune.calibration_batch_size, seed=cfg.seed
+    )
+    if accelerator.num_processes > len(calibration) and cfg.prune.prune_at != "never":
+        raise ValueError(
+            f"{accelerator.num_processes} ranks but only {len(calibration)} calibration batches: "
+            f"set prune.calibration_batches >= {accelerator.num_processes}"
+        )
+    return Prepared(tokenizer, _to_tensors(train_ds), _to_tensors(val_ds), calibration)
+
+
+def _tokenizer(cfg: RunConfig, accelerator: Accelerator, train_docs):
+    if cfg.data.tokenizer:
+        tok = load_model_tokenizer(cfg.data.tokenizer)
+        if tok is None:
+            raise FileNotFoundError(f"data.tokenizer={cfg.data.tokenizer} holds no tokenizer files")
+        return tok
+    if cfg.model.name_or_path:
+        tok = load_model_tokenizer(cfg.model.name_or_path)
+        if tok is None:
+            raise FileNotFoundError(f"{cfg.model.name_or_path} has no tokenizer: set data.tokenizer to a tokenizer folder")
+        return tok
+    # from scratch: rank 0 trains a byte-level BPE on the training split, the others load it
+    folder = Path(cfg.output_dir) / "tokenizer"
+    with accelerator.main_process_first():
+        if accelerator.is_main_process:
+            data_lib.train_tokenizer(list(train_docs["text"]), cfg.data.vocab_size).save_pretrained(folder)
+        return load_model_tokenizer(str(folder))
+
+
+def check_tokenizer(model, tokenizer) -> None:
+    """A tokenizer whose ids run past the embedding table fails here, not as an index error mid-training."""
+    vocab = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > vocab:
+        raise ValueError(
+            f"the tokenizer has {len(tokenizer)} tokens but the model's embedding has {vocab} rows: "
+            "use the model's own tokenizer (data.tokenizer) or a larger vocab_size"
+        )
+
+
+def selection_config(cfg: RunConfig) -> earlycrop.SelectionConfig:
+    p = cfg.prune
+    return earlycrop.SelectionConfig(p.heads, p.mlp, p.layout, p.round_to, p.gqa, p.target_params)
+
+
+def check_selection(model, selection: earlycrop.SelectionConfig) -> None:
+    """Run selection on placeholder scores so impossible ratios fail before any scoring work."""
+    layers = earlycrop.get_adapter(model).layers(model)
+    placeholder = Scores(heads=[torch.zeros(l.num_heads) for l in layers], neurons=[torch.zeros(l.intermediate_size) for l in layers])
+    earlycrop.make_plan(model, placeholder, selection)
+
+
+def score_and_plan(cfg: RunConfig, accelerator: Accelerator, model, calibration, out: Path, reuse: bool) -> tuple[Scores, earlycrop.Plan]:
+    """Scores over all ranks' shards (or the saved ones when resuming), then the plan every rank agrees on."""
+    scores_path = out / SCORES_FILE
+    if reuse and scores_path.is_file():
+        scores = Scores.from_tensors(load_file(scores_path))
+        accelerator.print(f"reusing scores from {scores_path}")
+    else:
+        criterion = earlycrop.make_criterion(cfg.prune.criterion, hvp=cfg.prune.hvp, fd_step=cfg.prune.fd_step, seed=cfg.seed)
+        scores = score_sharded(model, criterion, calibration, progress=accelerator.is_main_process)
+        if accelerator.is_main_process:
+            tmp = scores_path.with_suffix(".tmp")
+            save_file(scores.to_tensors(), tmp)
+            os.replace(tmp, scores_path)
+    plan = earlycrop.make_plan(model, scores, selection_config(cfg), meta={"criterion": cfg.prune.criterion})
+    check_same_on_all_ranks(plan.to_json(), "pruning plan")
+    if accelerator.is_main_process:
+        plan.save(out / PLAN_FILE)
+    return scores, plan
+
+
+def run(cfg: RunConfig, resume: bool = False) -> dict:
+    """Run the whole job; returns the final metrics (on every rank)."""
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    accelerator = make_accelerator(cfg)
+    timer = StageTimer()
+    stage = zero_stage(accelerator)
+    if stage == 3 and cfg.prune.prune_at not in (0, "never"):
+        raise ValueError("prune_at > 0 under DeepSpeed ZeRO-3 is not supported (parameters are partitioned): use prune_at: 0 or ZeRO-1/2")
+    if stage is not None and cfg.prune.prune_at not in (0, "never"):
+        raise ValueError("prune_at > 0 under DeepSpeed is not supported yet: use prune_at: 0 with DeepSpeed, or DDP for mid-training pruning")
+
+    checkpoint = latest_checkpoint(out) if resume else None
+    if resume and checkpoint is None:
+        accelerator.print(f"--resume: no complete checkpoint in {out}/checkpoints, starting from scratch")
+    state = load_trainer_state(checkpoint) if checkpoint else TrainerState()
+    run_info_path = out / "run_info.json"
+    run_id = json.loads(run_info_path.read_text()).get("run_id") if checkpoint and run_info_path.is_file() else None
+
+    with timer("data"):
+        prepared = prepare_data(cfg, accelerator)
+    model = build_model(cfg.model, len(prepared.tokenizer), prepared.tokenizer.pad_token_id, cfg.seed)
+    check_tokenizer(model, prepared.tokenizer)
+    if cfg.prune.prune_at != "never":
+        check_selection(model, selection_config(cfg))
+
+    tracker = create_tracker(
+        is_main_process=accelerator.is_main_process, output_dir=out, tracking_uri=cfg.tracking_uri,
+        experiment=cfg.experiment, run_name=cfg.run_name, enabled=cfg.tracking,
+        fallback_to_local=cfg.tracking_fallback_local, run_id=run_id,
+        tags={"criterion": cfg.prune.criterion, "heads": cfg.prune.heads, "mlp": cfg.prune.mlp,
+              "layout": cfg.prune.layout, "prune_at": cfg.prune.prune_at, "git_revision": git_revision(),
+              "family": earlycrop.get_adapter(model).name, "world_size": accelerator.num_processes},
+    )
+    try:
+        if accelerator.is_main_process:
+            run_info_path.write_text(json.dumps({"run_id": tracker.run_id, "tracking_uri": tracker.tracking_uri}))
+        if run_id is None:
+            tracker.log_params(flatten_config(cfg.model_dump()))
+        dense_params = sum(p.numel() for p in model.parameters())
+        tracker.log_metrics({"params_dense": float(dense_params)}, step=0)
+        result = _run_stages(cfg, accelerator, model, prepared, tracker, timer, state, checkpoint, out, dense_params, resume)
+    except BaseException:
+        tracker.close(status="FAILED")
+        raise
+    tracker.close()
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return result
+
+
+def _log_plan(tracker, scores: Scores, plan: earlycrop.Plan, result: earlycrop.PruneResult, out: Path, step: int) -> None:
+    counts = plan.counts()
+    tracker.log_metrics({"params_pruned": float(result.params_after), "prune_step": float(step)}, step=step)
+    tracker.log_dict(plan.to_dict(), "plan.json")
+    tracker.log_artifact(out / SCORES_FILE, "scores")
+    tracker.set_tags({"plain_loadable": result.plain_loadable})
+    tracker.log_figure(plot_kept_units(counts["heads"], plan.dense_heads, counts["neurons"], plan.dense_neurons), "kept_units.png")
+    tracker.log_figure(plot_scores([h.tolist() for h in scores.heads], [n.tolist() for n in scores.neurons]), "scores.png")
+
+
+def _run_stages(cfg, accelerator, model, prepared, tracker, timer, state, checkpoint, out, dense_params, resume) -> dict:
+    p = cfg.prune
+    plan: earlycrop.Plan | None = None
+    if checkpoint is not None and state.pruned_at is not None:
+        # the checkpoint holds the pruned shape: rebuild it, then load_state fills the weights
+        plan = earlycrop.Plan.load(out / PLAN_FILE)
+        earlycrop.prune(model, plan)
+    elif p.prune_at == 0:
+        with timer("score"):
+            scores, plan = score_and_plan(cfg, accelerator, model, prepared.calibration, out, reuse=checkpoint is None and resume)
+        with timer("prune"):
+            result = earlycrop.prune(model, plan)
+        state.pruned_at = 0
+        _log_plan(tracker, scores, plan, result, out, 0)
+        accelerator.print(f"pruned before training: {dense_params:,} → {result.params_after:,} parameters")
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    if checkpoint is not None:
+        accelerator.load_state(str(checkpoint))
+        accelerator.print(f"resumed from {checkpoint} at step {state.step}")
+
+    rule = None
+    if p.prune_at == "auto" and state.pruned_at is None:
+        rule = WeightDistanceRule(p.auto_interval, p.auto_cap, (p.heads + p.mlp) / 2)
+
+    def maybe_prune(step: int, model, optimizer):
+        if state.pruned_at is not None or p.prune_at in (0, "never"):
+            return model, optimizer, False
+        unwrapped = accelerator.unwrap_model(model)
+        if rule is not None:
+            due = step > 0 and rule.observe(step, earlycrop.get_adapter(unwrapped).prunable_weights(unwrapped))
+            if rule.trace and step % p.auto_interval == 0:
+                tracker.log_metrics({"auto_weight_distance": rule.trace[-1][1]}, step=step)
+        else:
+            due = step == p.prune_at
+        if not due:
+            return model, optimizer, False
+        with timer("score"):
+            scores, new_plan = score_and_plan(cfg, accelerator, unwrapped, prepared.calibration, out, reuse=resume)
+        raw_optimizer = optimizer.optimizer
+        accelerator.free_memory()
+        with timer("prune"):
+            result = earlycrop.prune(unwrapped, new_plan, raw_optimizer)
+        model, optimizer = accelerator.prepare(unwrapped, raw_optimizer)
+        _log_plan(tracker, scores, new_plan, result, out, step)
+        if rule is not None:
+            tracker.log_dict({"trace": rule.trace, "threshold": rule.threshold, "pruned_at": step}, "auto_schedule.json")
+        accelerator.print(f"pruned at step {step}: {dense_params:,} → {result.params_after:,} parameters")
+        return model, optimizer, True
+
+    sampler = BlockSampler(prepared.train_blocks, cfg.train.micro_batch_size, accelerator.process_index, accelerator.num_processes, cfg.seed)
+    loop = Loop(
+        accelerator=accelerator, model=model, optimizer=optimizer, sampler=sampler, val_blocks=prepared.val_blocks,
+        cfg=cfg.train, output_dir=out, restart_schedule=p.schedule_after_prune == "restart",
+        log=lambda metrics, step: tracker.log_metrics(metrics, step=step), maybe_prune=maybe_prune,
+    )
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    with timer("train"):
+        state = train(loop, state)
+    model = loop.model
+    finished = state.step >= cfg.train.max_steps
+    with timer("eval"):
+        final = evaluate(accelerator, model, prepared.val_blocks, cfg.train.micro_batch_size, cfg.train.eval_batches)
+    tracker.log_metrics(final, step=state.step)
+    unwrapped = accelerator.unwrap_model(model)
+    final_params = sum(p.numel() for p in unwrapped.parameters())
+    summary = {**final, "params_dense": dense_params, "params_final": final_params, "steps": state.step,
+               "pruned_at": state.pruned_at, "finished": finished, **{f"time_{k}_s": v for k, v in timer.seconds.items()}}
+    if torch.cuda.is_available():
+        summary["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
+    else:
+        import resource
+
+        summary["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    tracker.log_metrics({k: float(v) for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}, step=state.step)
+    if finished:
+        with timer("save"):
+            state_dict = accelerator.get_state_dict(model)
+            if accelerator.is_main_process:
+                final_dir = out / "model"
+                unwrapped.save_pretrained(final_dir, state_dict=state_dict)
+                prepared.tokenizer.save_pretrained(final_dir)
+                tracker.log_model_dir(final_dir, "model")
+        history = [h for h in state.history if "train_loss" in h]
+        evals = [h for h in state.history if "val_loss" in h]
+        tracker.log_figure(plot_loss_curves({"train": [(h["step"], h["train_loss"]) for h in history],
+                                             "validation": [(h["step"], h["val_loss"]) for h in evals]}), "loss_curves.png")
+        if accelerator.is_main_process:
+            (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    return summary
