@@ -52,10 +52,13 @@ class StageTimer:
 def make_accelerator(cfg: RunConfig) -> Accelerator:
     """Accelerator for this launch; gloo on CPU-only machines (DeepSpeed on CPU needs it said explicitly)."""
     multi_process = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
     handlers = []
     if multi_process and not torch.cuda.is_available():
         handlers.append(InitProcessGroupKwargs(backend="gloo", timeout=timedelta(minutes=30)))
     accelerator = Accelerator(
+        # without cpu=True a CPU-only torchrun launch silently degrades to N independent processes
+        cpu=not torch.cuda.is_available() and not deepspeed,
         gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
         mixed_precision=cfg.train.mixed_precision,
         kwargs_handlers=handlers,
