@@ -1,0 +1,502 @@
+"""Tracking: MLflow round trips (sqlite and a real server), failure handling, plots."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from pipeline.plots import plot_kept_units, plot_loss_curves, plot_scores
+from pipeline.tracking import (
+    BACKLOG_FILE_NAME,
+    MLflowTracker,
+    NullTracker,
+    Tracker,
+    TrackingUnavailableError,
+    TrackingWarning,
+    create_tracker,
+    default_tracking_uri,
+    flatten_config,
+    replay_backlog,
+    resolve_tracking_uri,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _no_ambient_tracking_env(monkeypatch):
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def _artifact_paths(client, run_id: str, path: str | None = None) -> set[str]:
+    out: set[str] = set()
+    for info in client.list_artifacts(run_id, path):
+        if info.is_dir:
+            out |= _artifact_paths(client, run_id, info.path)
+        else:
+            out.add(info.path)
+    return out
+
+
+def _figure():
+    return plot_kept_units([2, 1], [2, 2], [6, 3], [8, 8])
+
+
+# ------------------------------------------------------------------------------------------------
+# A real `mlflow server`
+# ------------------------------------------------------------------------------------------------
+
+
+class MlflowServer:
+    """`mlflow server` on a free port, in its own process group (the CLI spawns uvicorn)."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.db = root / "server.db"
+        self.port = _free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.log = root / "server.log"
+        env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+        env.pop("MLFLOW_TRACKING_URI", None)
+        with self.log.open("wb") as log:
+            self.proc = subprocess.Popen(
+                [
+                    sys.executable, "-m", "mlflow", "server",
+                    "--host", "127.0.0.1", "--port", str(self.port),
+                    "--backend-store-uri", f"sqlite:///{self.db}",
+                    "--artifacts-destination", str(root / "artifacts"),
+                    "--workers", "1",
+                ],
+                cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            )  # fmt: skip
+
+    def wait_healthy(self, timeout: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"mlflow server exited early:\n{self.log.read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(self.uri + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.25)
+        raise RuntimeError(f"mlflow server not healthy after {timeout}s:\n{self.log.read_text()[-3000:]}")
+
+    def _signal_group(self, sig: int) -> None:
+        try:
+            os.killpg(self.proc.pid, sig)  # the group we created with start_new_session
+        except ProcessLookupError:
+            pass
+
+    def kill(self) -> None:
+        """Abrupt death (SIGKILL to the server and its uvicorn worker)."""
+        self._signal_group(signal.SIGKILL)
+        self.proc.wait(timeout=30)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self._signal_group(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                pass
+        self._signal_group(signal.SIGKILL)  # stragglers (uvicorn) in the group
+        try:
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            pass
+
+
+class ServerPool:
+    """One server per module, shared by the server tests; a test that kills it leaves the next
+    caller a fresh one (so the tests do not depend on their order)."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.servers: list[MlflowServer] = []
+
+    def get(self) -> MlflowServer:
+        if self.servers and self.servers[-1].proc.poll() is None:
+            return self.servers[-1]
+        root = self.root / f"server{len(self.servers)}"
+        root.mkdir(parents=True)
+        server = MlflowServer(root)
+        self.servers.append(server)
+        server.wait_healthy()
+        return server
+
+    def stop_all(self) -> None:
+        for server in self.servers:
+            server.stop()
+
+
+@pytest.fixture(scope="module")
+def mlflow_servers(tmp_path_factory, request) -> ServerPool:
+    pool = ServerPool(tmp_path_factory.mktemp("mlflow_servers"))
+    request.addfinalizer(pool.stop_all)
+    return pool
+
+
+# ------------------------------------------------------------------------------------------------
+# Pure helpers
+# ------------------------------------------------------------------------------------------------
+
+
+def test_flatten_config():
+    cfg = {
+        "model": {"name": "gpt2", "layers": 2, "dropout": 0.1, "extra": {}},
+        "prune": {"heads": {"ratio": 0.5, "round_to": 8}, "criteria": ["earlycrop", "snip"]},
+        "seed": 0,
+        "resume": None,
+        "flag": True,
+        "bad key!": 1,
+        "long": "x" * 7000,
+    }
+    flat = flatten_config(cfg)
+    assert flat["model.name"] == "gpt2"
+    assert flat["model.layers"] == "2"
+    assert flat["model.extra"] == "{}"
+    assert flat["prune.heads.ratio"] == "0.5"
+    assert flat["prune.heads.round_to"] == "8"
+    assert json.loads(flat["prune.criteria"]) == ["earlycrop", "snip"]
+    assert flat["seed"] == "0" and flat["resume"] == "None" and flat["flag"] == "True"
+    assert flat["bad key_"] == "1"
+    assert len(flat["long"]) == 6000 and flat["long"].endswith("...[truncated]")
+    assert all(isinstance(v, str) for v in flat.values())
+    assert flatten_config(flat) == flat  # idempotent on flat input
+    with pytest.raises(TypeError):
+        flatten_config(3)
+
+
+def test_uri_resolution_order(tmp_path, monkeypatch):
+    default = default_tracking_uri(tmp_path)
+    assert default == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+    assert resolve_tracking_uri(None, tmp_path) == default
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://env-host:5000")
+    assert resolve_tracking_uri(None, tmp_path) == "http://env-host:5000"
+    assert resolve_tracking_uri("http://explicit:5000", tmp_path) == "http://explicit:5000"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "")
+    assert resolve_tracking_uri(None, tmp_path) == default
+
+
+def test_factory_uses_env_uri(tmp_path, monkeypatch):
+    env_db = tmp_path / "elsewhere" / "env.db"
+    env_db.parent.mkdir()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{env_db}")
+    out = tmp_path / "out"
+    tracker = create_tracker(
+        is_main_process=True, output_dir=out, tracking_uri=None, experiment="env-exp", run_name="r"
+    )
+    try:
+        assert tracker.tracking_uri == f"sqlite:///{env_db}"
+        assert env_db.exists() and not (out / "mlflow.db").exists()
+        tracker.log_artifact(__file__)
+    finally:
+        tracker.close()
+    # artifacts of a new experiment in an explicit sqlite store sit beside the db
+    assert (env_db.parent / "mlartifacts").is_dir()
+
+
+def test_importing_tracking_does_not_import_mlflow():
+    code = "import sys, pipeline.tracking; assert 'mlflow' not in sys.modules, 'mlflow imported'"
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, timeout=60)
+
+
+def test_null_tracker_writes_nothing(tmp_path):
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    for kwargs in ({"is_main_process": False}, {"is_main_process": True, "enabled": False}):
+        tracker = create_tracker(
+            output_dir=tmp_path, tracking_uri=None, experiment="e", run_name="r", **kwargs
+        )
+        assert isinstance(tracker, NullTracker) and isinstance(tracker, Tracker)
+        assert tracker.run_id is None and tracker.tracking_uri is None
+        tracker.log_params({"a": {"b": 1}})
+        tracker.log_metrics({"loss": 1.0}, step=1)
+        tracker.set_tags({"t": "v"})
+        tracker.log_artifact(tmp_path / "model" / "config.json")
+        tracker.log_dict({"x": 1}, "d.json")
+        fig = _figure()
+        tracker.log_figure(fig, "f.png")
+        tracker.log_model_dir(tmp_path / "model")
+        tracker.close()
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
+# ------------------------------------------------------------------------------------------------
+# Embedded sqlite store
+# ------------------------------------------------------------------------------------------------
+
+
+def test_mlflow_roundtrip_sqlite(tmp_path):
+    out = tmp_path / "run"
+    model_dir = tmp_path / "saved"
+    (model_dir / "sub").mkdir(parents=True)
+    (model_dir / "config.json").write_text('{"n_layer": 2}')
+    (model_dir / "sub" / "weights.bin").write_bytes(b"\0" * 16)
+
+    tracker = create_tracker(
+        is_main_process=True, output_dir=out, tracking_uri=None, experiment="exp-a", run_name="run-a"
+    )
+    assert isinstance(tracker, MLflowTracker) and isinstance(tracker, Tracker)
+    assert tracker.tracking_uri == default_tracking_uri(out)
+    tracker.log_params({"model": {"name": "gpt2", "n_layer": 2}, "prune": {"ratio": 0.5}})
+    for step in range(3):
+        tracker.log_metrics({"train/loss": 3.0 - step, "lr": 1e-3}, step=step)
+    tracker.set_tags({"family": "gpt2", "criterion": "earlycrop"})
+    tracker.log_dict({"kept_heads": [2, 1], "note": "plan"}, "plan/plan.json")
+    figs = [
+        plot_kept_units([2, 1], [2, 2], [6, 3], [8, 8]),
+        plot_loss_curves({"train": [(0, 3.0), (1, 2.0), (2, 1.0)], "val": [(2, 1.5)]}),
+        plot_scores([[0.1, 0.9], [0.5]], [[0.1, 0.2, 0.3], [1.0, 2.0]]),
+    ]
+    for name, fig in zip(("kept_units", "loss", "scores"), figs):
+        tracker.log_figure(fig, f"plots/{name}.png")
+    tracker.log_model_dir(model_dir)
+    tracker.log_artifact(model_dir / "config.json", "configs")
+    assert tracker.pending == 0
+    run_id = tracker.run_id
+    tracker.close()
+    tracker.close()  # idempotent
+
+    client = _client(default_tracking_uri(out))
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.info.run_name == "run-a"
+    assert run.data.params == {"model.name": "gpt2", "model.n_layer": "2", "prune.ratio": "0.5"}
+    assert run.data.tags["family"] == "gpt2" and run.data.tags["criterion"] == "earlycrop"
+    history = client.get_metric_history(run_id, "train/loss")
+    assert sorted((m.step, m.value) for m in history) == [(0, 3.0), (1, 2.0), (2, 1.0)]
+    assert len(client.get_metric_history(run_id, "lr")) == 3
+    assert _artifact_paths(client, run_id) == {
+        "plan/plan.json",
+        "plots/kept_units.png",
+        "plots/loss.png",
+        "plots/scores.png",
+        "model/config.json",
+        "model/sub/weights.bin",
+        "configs/config.json",
+    }
+    exp = client.get_experiment_by_name("exp-a")
+    assert Path(exp.artifact_location.removeprefix("file://")) == (out / "mlartifacts").resolve()
+    local = Path(run.info.artifact_uri.removeprefix("file://"))
+    assert json.loads((local / "plan" / "plan.json").read_text())["kept_heads"] == [2, 1]
+    assert (local / "plots" / "scores.png").read_bytes()[:4] == b"\x89PNG"
+    assert not (out / BACKLOG_FILE_NAME).exists()
+    assert not (out / "tracking_pending").exists()
+
+
+def test_transient_failures_are_buffered_and_retried(tmp_path):
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+    out = tmp_path / "run"
+    tracker = MLflowTracker(
+        default_tracking_uri(out), "exp-b", "flaky", output_dir=out, retry_interval=0.0
+    )
+    real_log_batch = tracker._client.log_batch
+    down = {"on": True}
+
+    def flaky_log_batch(*args, **kwargs):
+        if down["on"]:
+            raise MlflowException("API request failed: connection refused")  # INTERNAL_ERROR
+        if any(m.key == "bad" for m in kwargs.get("metrics", ())):
+            raise MlflowException("rejected", error_code=INVALID_PARAMETER_VALUE)
+        return real_log_batch(*args, **kwargs)
+
+    tracker._client.log_batch = flaky_log_batch
+    with pytest.warns(TrackingWarning, match="retrying"):
+        tracker.log_metrics({"loss": 1.0}, step=0)
+    tracker.log_metrics({"loss": 0.5}, step=1)  # no raise, queued
+    tracker.log_params({"p": 1})
+    assert tracker.pending == 3
+    down["on"] = False
+    with pytest.warns(TrackingWarning, match="reachable again"):
+        tracker.log_metrics({"loss": 0.25}, step=2)
+    assert tracker.pending == 0
+    # a permanent rejection (changed param value) is dropped with a warning and blocks nothing
+    with pytest.warns(TrackingWarning, match="rejected"):
+        tracker.log_params({"p": 2})
+    tracker.log_metrics({"loss": 0.1}, step=3)
+    assert tracker.pending == 0
+    # queued metrics are sent as one batch; if the server rejects the batch, only the op that
+    # causes it is dropped
+    down["on"] = True
+    with pytest.warns(TrackingWarning, match="retrying"):
+        tracker.log_metrics({"loss": 0.05}, step=4)
+    tracker.log_metrics({"bad": 1.0}, step=5)
+    down["on"] = False
+    with pytest.warns(TrackingWarning) as record:
+        tracker.log_metrics({"loss": 0.01}, step=6)
+    messages = [str(w.message) for w in record]
+    assert any("rejected" in m for m in messages) and any("reachable again" in m for m in messages)
+    assert tracker.pending == 0
+    tracker.close()
+    client = _client(default_tracking_uri(out))
+    steps = [m.step for m in client.get_metric_history(tracker.run_id, "loss")]
+    assert sorted(steps) == [0, 1, 2, 3, 4, 6]
+    assert client.get_run(tracker.run_id).data.params == {"p": "1"}
+    assert not (out / BACKLOG_FILE_NAME).exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# Unreachable server at start
+# ------------------------------------------------------------------------------------------------
+
+
+def test_unreachable_server_fails_fast_with_clear_error(tmp_path):
+    uri = f"http://127.0.0.1:{_free_port()}"  # nobody listens there
+    t0 = time.monotonic()
+    with pytest.raises(TrackingUnavailableError) as err:
+        create_tracker(
+            is_main_process=True, output_dir=tmp_path, tracking_uri=uri, experiment="e", run_name="r"
+        )
+    assert time.monotonic() - t0 < 15
+    assert uri in str(err.value) and "unreachable" in str(err.value)
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_hanging_server_times_out(tmp_path):
+    # accepts TCP connections (kernel backlog) but never answers
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        uri = f"http://127.0.0.1:{listener.getsockname()[1]}"
+        t0 = time.monotonic()
+        with pytest.raises(TrackingUnavailableError, match="unreachable"):
+            MLflowTracker(uri, "e", "r", output_dir=tmp_path, health_timeout=1.0)
+        assert time.monotonic() - t0 < 10
+
+
+def test_unreachable_server_falls_back_to_local(tmp_path):
+    uri = f"http://127.0.0.1:{_free_port()}"
+    with pytest.warns(TrackingWarning, match="Falling back"):
+        tracker = create_tracker(
+            is_main_process=True,
+            output_dir=tmp_path,
+            tracking_uri=uri,
+            experiment="e",
+            run_name="r",
+            fallback_to_local=True,
+        )
+    assert tracker.tracking_uri == default_tracking_uri(tmp_path)
+    tracker.log_metrics({"loss": 1.0}, step=5)
+    tracker.close()
+    client = _client(default_tracking_uri(tmp_path))
+    run = client.get_run(tracker.run_id)
+    assert run.data.tags["earlycrop.tracking_fallback_from"] == uri
+    assert [(m.step, m.value) for m in client.get_metric_history(tracker.run_id, "loss")] == [(5, 1.0)]
+
+
+# ------------------------------------------------------------------------------------------------
+# Real server
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow  # starting `mlflow server` takes ~20 s on a busy 2-core machine
+def test_real_server_receives_run(mlflow_servers, tmp_path):
+    mlflow_server = mlflow_servers.get()
+    out = tmp_path / "run"
+    tracker = create_tracker(
+        is_main_process=True,
+        output_dir=out,
+        tracking_uri=mlflow_server.uri,
+        experiment="server-exp",
+        run_name="server-run",
+        tags={"launcher": "pytest"},
+    )
+    tracker.log_params({"train": {"lr": 1e-3, "batch_size": 8}})
+    for step in (0, 10, 20):
+        tracker.log_metrics({"loss": 1.0 / (step + 1)}, step=step)
+    tracker.set_tags({"family": "llama"})
+    tracker.log_dict({"a": 1}, "summary.json")
+    tracker.log_figure(_figure(), "plots/kept.png")
+    tracker.close()
+    assert not (out / BACKLOG_FILE_NAME).exists()
+
+    client = _client(mlflow_server.uri)
+    run = client.get_run(tracker.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params == {"train.lr": "0.001", "train.batch_size": "8"}
+    assert run.data.tags["launcher"] == "pytest" and run.data.tags["family"] == "llama"
+    assert [m.step for m in client.get_metric_history(tracker.run_id, "loss")] == [0, 10, 20]
+    assert _artifact_paths(client, tracker.run_id) == {"summary.json", "plots/kept.png"}
+    # proxied artifacts land in the server's --artifacts-destination, not in the run's output dir
+    assert list((mlflow_server.root / "artifacts").rglob("summary.json"))
+
+
+@pytest.mark.slow  # reuses the module's server when it runs after test_real_server_receives_run
+def test_server_killed_mid_run_keeps_a_backlog(mlflow_servers, tmp_path):
+    server = mlflow_servers.get()
+    out = tmp_path / "run"
+    tracker = create_tracker(
+        is_main_process=True, output_dir=out, tracking_uri=server.uri, experiment="e", run_name="doomed"
+    )
+    run_id = tracker.run_id
+    tracker.log_params({"early": 1})
+    tracker.log_metrics({"loss": 2.0}, step=0)
+    assert tracker.pending == 0
+
+    server.kill()
+    t0 = time.monotonic()
+    with pytest.warns(TrackingWarning, match="retrying"):
+        for step in (1, 2, 3):
+            tracker.log_metrics({"loss": 2.0 - step / 2}, step=step)
+        tracker.log_params({"late": 2})
+        tracker.set_tags({"phase": "after-crash"})
+        tracker.log_dict({"lost": True}, "late/summary.json")
+    assert time.monotonic() - t0 < 15, "logging while the server is down must not stall training"
+    assert tracker.pending >= 6
+    with pytest.warns(TrackingWarning, match="replay"):
+        tracker.close()
+
+    backlog = out / BACKLOG_FILE_NAME
+    records = [json.loads(line) for line in backlog.read_text().splitlines()]
+    assert records[0]["kind"] == "run" and records[0]["run_id"] == run_id
+    assert records[0]["tracking_uri"] == server.uri
+    steps = [m["step"] for r in records if r["kind"] == "metrics" for m in r["metrics"]]
+    assert steps == [1, 2, 3]
+    assert {"kind": "params", "params": {"late": "2"}} in records
+    assert {"kind": "tags", "tags": {"phase": "after-crash"}} in records
+    (artifact,) = [r for r in records if r["kind"] == "artifact"]
+    assert artifact["artifact_path"] == "late" and Path(artifact["local_path"]).is_file()
+    assert records[-1]["kind"] == "terminate" and records[-1]["status"] == "FINISHED"
+
+    # what was logged before the crash is in the server's database
+    dead_store = _client(f"sqlite:///{server.db}")
+    run = dead_store.get_run(run_id)
+    assert run.data.params == {"early": "1"}
+    assert [m.step for m in dead_store.get_metric_history(run_id, "loss")] == [0]
+
+    # the backlog replays (here into a fresh local store: a new run of the same experiment)
+    replay_uri = f"sqlite:///{tmp_path / 'replay.db'}"
+    (new_run_id,) = replay_backlog(backlog, replay_uri)
+    replayed = _client(replay_uri).get_run(new_run_id)
+    assert replayed.data.params == {"late": "2"}
+    assert replayed.data.tags["earlycrop.replayed_from"] == run_id
+    assert replayed.info.status == "FINISHED"
+    assert [m.step for m in _client(replay_uri).get_metric_history(new_run_id, "loss")] == [1, 2, 3]
+    assert _artifact_paths(_client(replay_uri), new_run_id) == {"late/summary.json"}
