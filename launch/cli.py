@@ -59,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--seq-len", type=int, default=128)
     prune.add_argument("--text-field", default="text")
     prune.add_argument("--label-field", default=None, help="label column, for sequence-classification models")
+    prune.add_argument("--score-dtype", choices=["float32", "float64"], default="float32",
+                       help="precision of scoring (float64 makes N-rank and 1-rank scores agree to round-off)")
     prune.add_argument("--seed", type=int, default=0)
     prune.add_argument("--out", required=True, help="output folder for the pruned model, plan.json and scores.safetensors")
     return parser

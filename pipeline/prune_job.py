@@ -62,6 +62,8 @@ def prune_model(args: argparse.Namespace) -> None:
     rank, size = world()
     try:
         model = earlycrop.from_pretrained(args.model, attn_implementation="eager")
+        saved_dtype = next(model.parameters()).dtype
+        model.to(getattr(torch, args.score_dtype))
         tokenizer = load_model_tokenizer(args.model)
         if tokenizer is None:
             raise FileNotFoundError(f"{args.model} has no tokenizer files: save the tokenizer into the model folder")
@@ -73,7 +75,7 @@ def prune_model(args: argparse.Namespace) -> None:
         scores = score_sharded(model, criterion, batches, progress=rank == 0)
         plan = earlycrop.make_plan(model, scores, selection, meta={"criterion": args.criterion, "batches": args.batches})
         check_same_on_all_ranks(plan.to_json(), "pruning plan")
-        result = earlycrop.prune(model, plan)
+        result = earlycrop.prune(model.to(saved_dtype), plan)
         if rank == 0:
             out = Path(args.out)
             earlycrop.save_pretrained(model, out, tokenizer)

@@ -1,0 +1,178 @@
+"""The end-to-end job through the real launchers: score → prune → train → eval → save, tracked in MLflow."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+import earlycrop
+
+from . import launching
+
+CONFIG = "configs/ci_tiny.yaml"
+
+
+def summary(out: Path) -> dict:
+    return json.loads((out / "summary.json").read_text())
+
+
+def mlflow_run(out: Path):
+    info = json.loads((out / "run_info.json").read_text())
+    client = MlflowClient(tracking_uri=info["tracking_uri"])
+    return client, client.get_run(info["run_id"])
+
+
+def artifact_paths(client: MlflowClient, run_id: str, path: str = "") -> set[str]:
+    found = set()
+    for item in client.list_artifacts(run_id, path):
+        found.add(item.path)
+        if item.is_dir:
+            found |= artifact_paths(client, run_id, item.path)
+    return found
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    """One process, float64: the scores every multi-process launch must reproduce."""
+    out = tmp_path_factory.mktemp("one_process")
+    launching.cli("run", CONFIG, f"output_dir={out}", "model.dtype=float64", "train.max_steps=4", "tracking=false")
+    return out
+
+
+@pytest.mark.slow
+def test_two_rank_accelerate_run_tracks_everything(tmp_path, reference):
+    out = tmp_path / "run"
+    launching.accelerate("launch/accelerate/cpu_2proc.yaml", "-m", "launch.cli", "run", CONFIG,
+                         f"output_dir={out}", "model.dtype=float64")
+    # scores over two ranks equal the one-process scores
+    for key, value in load_file(reference / "scores.safetensors").items():
+        torch.testing.assert_close(load_file(out / "scores.safetensors")[key], value, rtol=1e-6, atol=0)
+    assert (out / "plan.json").read_text() == (reference / "plan.json").read_text()
+
+    client, run = mlflow_run(out)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["world_size"] == "2" and run.data.tags["criterion"] == "earlycrop"
+    assert run.data.params["prune.heads"] == "0.5" and run.data.params["train.max_steps"] == "12"
+    metrics = run.data.metrics
+    assert metrics["params_pruned"] < metrics["params_dense"]
+    assert {"val_loss", "val_perplexity", "train_loss", "tokens_per_s", "step_time_s", "time_score_s",
+            "time_train_s", "time_prune_s", "time_eval_s"} <= set(metrics)
+    losses = [m.value for m in client.get_metric_history(run.info.run_id, "train_loss")]
+    assert len(losses) == 6 and losses[-1] < losses[0]
+    artifacts = artifact_paths(client, run.info.run_id)
+    assert {"plan.json", "scores/scores.safetensors", "kept_units.png", "loss_curves.png", "model/config.json",
+            "model/model.safetensors"} <= artifacts
+
+    # Llama with a uniform layout: plain transformers loads the saved model, same logits as earlycrop's loader
+    plain = AutoModelForCausalLM.from_pretrained(out / "model", dtype=torch.float64).eval()
+    ours = earlycrop.from_pretrained(out / "model", dtype=torch.float64).eval()
+    ids = torch.arange(16)[None] % plain.config.vocab_size
+    torch.testing.assert_close(plain(ids).logits, ours(ids).logits)
+    assert plain.config.num_attention_heads == 2 and plain.config.intermediate_size == 32
+
+
+@pytest.mark.slow
+def test_deepspeed_zero2_two_ranks_trains(tmp_path):
+    out = tmp_path / "ds"
+    launching.accelerate("launch/accelerate/cpu_2proc_zero2.yaml", "-m", "launch.cli", "run", CONFIG,
+                         f"output_dir={out}", "train.max_steps=16", "train.log_every=2", "tracking=false")
+    states = sorted((out / "checkpoints").glob("step_*/trainer_state.json"))
+    history = [h["train_loss"] for h in json.loads(states[-1].read_text())["history"] if "train_loss" in h]
+    assert history[-1] < history[0]
+    result = summary(out)
+    assert result["finished"] and result["params_final"] < result["params_dense"]
+    assert earlycrop.from_pretrained(out / "model").config.num_attention_heads == 2
+
+
+@pytest.mark.slow
+def test_two_nodes_on_loopback_score_like_one_process(tmp_path, reference):
+    out = tmp_path / "nodes"
+    port = str(launching.free_port())
+    procs = [
+        subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(rank),
+                          "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", port,
+                          "-m", "launch.cli", "run", CONFIG, f"output_dir={out}", "model.dtype=float64",
+                          "train.max_steps=4", "tracking=false"],
+                         cwd=launching.REPO, env=launching.env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for rank in (0, 1)
+    ]
+    logs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), logs[0][-3000:] + logs[1][-3000:]
+    for key, value in load_file(reference / "scores.safetensors").items():
+        torch.testing.assert_close(load_file(out / "scores.safetensors")[key], value, rtol=1e-6, atol=0)
+    assert summary(out)["finished"]
+
+
+@pytest.mark.slow
+def test_prune_mid_training_under_ddp_keeps_training(tmp_path):
+    out = tmp_path / "mid"
+    launching.accelerate("launch/accelerate/cpu_2proc.yaml", "-m", "launch.cli", "run", CONFIG, f"output_dir={out}",
+                         "prune.prune_at=6", "train.max_steps=16", "train.log_every=1", "train.scheduler=constant",
+                         "prune.schedule_after_prune=continue")
+    result = summary(out)
+    assert result["pruned_at"] == 6 and result["params_final"] < result["params_dense"]
+    client, run = mlflow_run(out)
+    losses = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "train_loss")}
+    assert sorted(losses) == list(range(1, 17))
+    # after the cut the loss keeps falling: the sliced Adam moments carry on instead of restarting
+    assert sum(losses[s] for s in (14, 15, 16)) / 3 < losses[6]
+    assert max(losses[s] for s in range(7, 17)) < losses[1]
+
+
+def _run_cmd(out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "launch.cli", "run", CONFIG, f"output_dir={out}", "train.max_steps=40",
+            "train.checkpoint_every=10", "train.eval_every=100", "tracking=false", *extra]
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_gives_the_uninterrupted_weights(tmp_path):
+    launching.run(_run_cmd(tmp_path / "full"))
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(_run_cmd(killed), cwd=launching.REPO, env=launching.env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (killed / "checkpoints/step_00000010/trainer_state.json").exists():
+        assert proc.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "model").exists()
+    launching.run(_run_cmd(killed, "--resume"))
+    full = load_file(tmp_path / "full/model/model.safetensors")
+    resumed = load_file(killed / "model/model.safetensors")
+    assert full.keys() == resumed.keys()
+    for key in full:
+        torch.testing.assert_close(resumed[key], full[key], rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+    out = tmp_path / "term"
+    proc = subprocess.Popen(_run_cmd(out, "train.max_steps=100000", "train.checkpoint_every=0"), cwd=launching.REPO,
+                            env=launching.env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    while not (out / "plan.json").exists():
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.1)
+    time.sleep(2)
+    proc.send_signal(signal.SIGTERM)
+    log = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 0, log[-3000:]
+    checkpoint = earlycrop_checkpoint(out)
+    assert checkpoint is not None and "resume with --resume" in log
+
+
+def earlycrop_checkpoint(out: Path):
+    from pipeline.train import latest_checkpoint
+
+    return latest_checkpoint(out)
