@@ -1,0 +1,863 @@
+"""Training-memory model: how many bytes per GPU a (pruned) transformer needs to train, and on how few GPUs it fits.
+
+Three pieces:
+
+- `ModelShape`: the sizes that decide memory and compute (vocabulary, hidden size, per-layer heads / key-value heads /
+  intermediate width, which projections carry biases, norms, position and task heads). `ModelShape.from_model(model)`
+  reads a real model (dense or pruned, any layout); `shape.with_counts(heads, kv_heads, neurons)` describes a pruned
+  variant without building it (`shape.with_counts(**plan.counts())`). Its parameter count is exact: it equals
+  `sum(p.numel() for p in model.parameters())` for every supported family and head.
+- `TrainingSetup`: precision, optimizer, micro batch, sequence length, activation checkpointing, ZeRO stage, GPUs.
+- `estimate_memory(shape, setup) -> MemoryEstimate`: bytes per GPU for weights, gradients, optimizer states,
+  activations and short-lived buffers; `min_gpus(shape, setup, "80GiB")` the fewest GPUs that hold it.
+
+Model states (per GPU; Ψ = parameters, N = GPUs, ⌈Ψ/N⌉ = one ZeRO partition, rounded up as ZeRO pads its flat
+buffer):
+
+    weights    = Ψ·w            (ZeRO-3: ⌈Ψ/N⌉·w)
+    gradients  = Ψ·w            (ZeRO-2/3: ⌈Ψ/N⌉·w)
+    optimizer  = Ψ·(m + k·s)    (ZeRO-1/2/3: ⌈Ψ/N⌉·(m + k·s)), + 4 bytes per parameter tensor for torch's
+                                 `step` scalar (AdamW / Adafactor without ZeRO; DeepSpeed steps flat partitions)
+
+w = bytes of a weight (4 fp32, 2 bf16/fp16); k = optimizer states per parameter (AdamW 2, SGD with momentum 1;
+Adafactor keeps factored row/column statistics: r + c per matrix) of s bytes each (fp32, or the parameter dtype for a
+pure-bf16 torch run: torch allocates states like the parameter); m = 4 when an fp32 master copy exists: always with
+mixed precision (the ZeRO paper's 2Ψ + 2Ψ + 12Ψ for Adam), and with fp32 weights under ZeRO-1/2, whose DeepSpeed
+optimizer clones its partition to an fp32 master (deepspeed/runtime/zero/stage_1_and_2.py); ZeRO-3 reuses fp32
+weights. Not modelled: DeepSpeed's communication buckets (`reduce_bucket_size`, `allgather_bucket_size`,
+prefetching beyond one layer), the fp32 gradient partition materialised during a ZeRO-1/2 step, the CUDA context and
+allocator fragmentation (keep `headroom` in `min_gpus`), offloading.
+
+Activations (bytes kept for backward, B = micro batch, T = sequence length, a = activation bytes (4 fp32,
+2 bf16), H = hidden, d = head_dim, nh / I = the layer's heads / intermediate width, m = dropout-mask bytes (CUDA's fused
+dropout keeps a 1-byte mask, the CPU kernel a mask in the activation dtype), σ = norm-statistics bytes (fp32 on CUDA,
+the activation dtype for CPU LayerNorm)). Derived op by op from what autograd saves in the families' eager code (each
+storage once, parameters excluded), and checked against `torch.autograd.graph.saved_tensors_hooks` in the tests:
+
+    norm(rows)   RMSNorm:   rows·H·(4 + 2a) + 4·rows     (fp32 input, normalised product, output; 1/rms)
+                 LayerNorm: rows·H·2a + 2σ·rows          (input, output; mean and 1/std)
+    attention    B·T·nh·d·4a                              (q, k, v as the score/value matmuls see them, with GQA
+                                                           key/value heads already repeated to nh; merged output)
+               + B·nh·T²·(p + c + r)                      scores/probabilities [B, nh, T, T]: p = softmax output (4 when
+                                                           the family upcasts the softmax to fp32, else a), c = a when
+                                                           an fp32 softmax is cast back to a 2-byte dtype, r = m + a
+                                                           with attention dropout (mask + dropped probabilities)
+    mlp          B·T·I·a·(u + (3 if gated else 1))        u = tensors the activation saves (SiLU, GELU: 1, the
+                                                           tanh-polynomial "gelu_new" of GPT-2: 4); gated: gate and up
+                                                           outputs, the activation output, the product fed to down
+    residual     B·T·H·m per residual dropout (2 per layer with hidden dropout)
+    layer        2·norm(B·T) + attention + mlp + residual
+    outside      token ids 8·B·T (+ 8·T per learned position / token-type lookup), embedding dropout mask B·T·H·m,
+                 embedding norm (BERT), rotary cos/sin 2·T·d·a (shared by all layers), final norm, the BERT MLM
+                 transform (B·T·H·a·u + norm), log-probabilities of the loss B·T·V·(4 if the loss upcasts logits
+                 (HF causal LM) else a) + labels 8·B·T; classification heads: B·H (pooler) and B·C terms.
+
+The model assumes eager attention, as the tests measure it. SDPA's memory-efficient and flash kernels keep no
+[B, nh, T, T] tensors (a log-sum-exp of B·nh·T instead), so for them the score terms are an upper bound.
+
+With activation checkpointing (HF `activation_checkpointing_enable`, every layer checkpointed) only every layer's
+input B·T·H·a is kept, plus one layer's activations recomputed during backward (the largest layer), plus everything
+outside the layers, plus for causal LMs the additive mask [B, 1, T, T] (B·T²·a) that every checkpointed layer holds
+as an input (dense training frees it when the forward returns). Encoders given a padding mask hold one too (not
+modelled). `MemoryEstimate.transient` adds what lives briefly on top of the saved activations at the loss: the
+logits and the gradients of the log-probabilities and logits, B·T·V·(a + 2·l) with l the loss dtype bytes, and under
+ZeRO-3 the one gathered full layer (or embedding matrix) being computed. Gradients of activations during backward
+(about one layer's worth) are not modelled.
+
+Training FLOPs per token (`ModelShape.flops_per_token`), the usual 6N rule plus the attention scores:
+
+    6 · (matmul parameters: every Linear weight of the layers + the output projection, counted even when tied)
+  + 12 · T · Σ_layers nh·d     (QKᵀ and PV: 2·2·T·nh·d forward, ×3 for forward + backward; the full T×T matrix, as
+                                eager attention computes it)
+
+Per-sequence heads (pooler, classifier) count once per sequence, i.e. divided by T.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from typing import Literal
+
+from torch import nn
+from transformers import PretrainedConfig
+from transformers.models.auto import modeling_auto
+
+from .families import LayerUnits, get_adapter
+
+HeadKind = Literal["causal_lm", "masked_lm", "sequence_classification", "none"]
+HEAD_KINDS = ("causal_lm", "masked_lm", "sequence_classification", "none")
+NORMS = ("rms", "layer")
+
+# Tensors of shape [B, T, I] that the activation function itself saves for backward, in HF's implementation
+# (transformers.activations). Unknown activations count as 1 (an elementwise function saving its input).
+ACTIVATION_SAVED: dict[str, int] = {
+    "silu": 1,
+    "swish": 1,
+    "gelu": 1,
+    "relu": 1,
+    "gelu_pytorch_tanh": 1,
+    "gelu_new": 4,  # 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))): x, tanh, 0.5·x, 1 + tanh
+    "quick_gelu": 2,  # x·sigmoid(1.702·x): x, sigmoid
+}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The shape
+
+
+@dataclass
+class ModelShape:
+    """The sizes of a transformer that decide its training memory and compute.
+
+    Per-layer lists (`heads`, `kv_heads`, `intermediate`) carry pruned layouts, uniform or not. `other_params`
+    holds parameters `from_model` could not place in the structure (an unfamiliar head); it is zero for every
+    supported family and head, and `from_model` warns when it is not.
+    """
+
+    family: str
+    vocab_size: int
+    hidden_size: int
+    head_dim: int
+    heads: list[int]
+    kv_heads: list[int]
+    intermediate: list[int]
+    gated_mlp: bool = True  # SwiGLU: gate, up and down matrices; otherwise fc and down
+    fused_qkv: bool = False  # one q/k/v matrix (GPT-2 c_attn) instead of three
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_in_bias: bool = False  # bias of up/gate (fc)
+    mlp_out_bias: bool = False  # bias of down
+    norm: Literal["rms", "layer"] = "rms"  # RMSNorm (weight) or LayerNorm (weight + bias); two per layer
+    final_norm: bool = True
+    embedding_norm: bool = False  # BERT: LayerNorm after the summed embeddings
+    position_embeddings: int = 0  # rows of a learned position table (GPT-2, BERT); 0: rotary or none
+    token_type_embeddings: int = 0  # BERT segment embeddings
+    rotary: bool = True
+    tied_embeddings: bool = False  # the output projection is the input embedding matrix
+    head: HeadKind = "causal_lm"
+    head_transform: bool = False  # BERT MLM: dense + activation + LayerNorm before the decoder
+    output_bias: bool = False  # bias of the output projection (BERT MLM decoder, classifier)
+    pooler: bool = False  # BERT pooler: dense + tanh on the first token
+    num_labels: int = 0  # classifier width for sequence classification
+    activation: str = "silu"
+    softmax_fp32: bool = True  # the eager softmax upcasts scores to fp32 (Llama family)
+    loss_fp32: bool = True  # the loss upcasts logits to fp32 (HF causal-LM loss)
+    attention_dropout: bool = False
+    hidden_dropout: bool = False  # dropout on the two residual branches of every layer
+    embedding_dropout: bool = False
+    classifier_dropout: bool = False
+    other_params: int = 0
+
+    def __post_init__(self) -> None:
+        self.heads, self.kv_heads, self.intermediate = list(self.heads), list(self.kv_heads), list(self.intermediate)
+        if not self.heads:
+            raise ValueError("a ModelShape needs at least one layer")
+        if not len(self.heads) == len(self.kv_heads) == len(self.intermediate):
+            raise ValueError(
+                f"heads ({len(self.heads)}), kv_heads ({len(self.kv_heads)}) and intermediate "
+                f"({len(self.intermediate)}) must have one entry per layer"
+            )
+        for name in ("vocab_size", "hidden_size", "head_dim"):
+            if not _is_int(getattr(self, name)) or getattr(self, name) <= 0:
+                raise ValueError(f"{name}={getattr(self, name)!r}: must be a positive integer")
+        for i, (h, kv, n) in enumerate(zip(self.heads, self.kv_heads, self.intermediate)):
+            if not all(_is_int(x) and x > 0 for x in (h, kv, n)):
+                raise ValueError(
+                    f"layer {i}: heads={h!r}, kv_heads={kv!r}, intermediate={n!r} must be positive integers"
+                )
+            if h % kv:
+                raise ValueError(f"layer {i}: {h} query heads do not split evenly over {kv} key/value heads")
+        if self.norm not in NORMS:
+            raise ValueError(f"norm={self.norm!r}: choose one of {NORMS}")
+        if self.head not in HEAD_KINDS:
+            raise ValueError(f"head={self.head!r}: choose one of {HEAD_KINDS}")
+        if self.head == "sequence_classification" and self.num_labels <= 0:
+            raise ValueError("a sequence-classification head needs num_labels > 0")
+        if self.other_params < 0 or self.position_embeddings < 0 or self.token_type_embeddings < 0:
+            raise ValueError("other_params, position_embeddings and token_type_embeddings cannot be negative")
+
+    # ---- constructors
+
+    @classmethod
+    def from_model(cls, model: nn.Module) -> ModelShape:
+        """Read the shape of a real (dense or pruned) model: layers through the family adapter, the rest from the
+        embedding / output modules and the config. The implied parameter count is exact (see `other_params`)."""
+        adapter = get_adapter(model)
+        reader = SHAPE_READERS.get(adapter.name)
+        if reader is None:
+            raise ValueError(
+                f"no memory-shape reader for family {adapter.name!r}; register one with "
+                "earlycrop.memory.register_shape_reader"
+            )
+        config = model.config
+        layers = adapter.layers(model)
+        embed = model.get_input_embeddings()
+        vocab, hidden = embed.weight.shape
+        facts = _layer_facts(adapter, layers)
+        facts.update(reader(model, config))
+        facts.update(_head_facts(model, facts.pop("head_transform_if_lm", False)))
+        shape = cls(
+            family=adapter.name,
+            vocab_size=vocab,
+            hidden_size=hidden,
+            head_dim=layers[0].head_dim,
+            heads=[l.num_heads for l in layers],
+            kv_heads=[l.num_kv_heads for l in layers],
+            intermediate=[l.intermediate_size for l in layers],
+            **facts,
+        )
+        real = sum(p.numel() for p in model.parameters())
+        missing = real - shape.num_params()
+        if missing != 0:
+            if missing < 0:
+                raise ValueError(
+                    f"the {adapter.name} shape implies {shape.num_params():,} parameters but the model has {real:,}: "
+                    "the shape reader does not match this model"
+                )
+            warnings.warn(
+                f"{missing:,} parameters of this {type(model).__name__} are not described structurally; "
+                "they are counted in ModelShape.other_params (memory exact, FLOPs and activations ignore them)",
+                stacklevel=2,
+            )
+            shape = replace(shape, other_params=missing)
+        return shape
+
+    def with_counts(
+        self,
+        heads: int | Sequence[int],
+        kv_heads: int | Sequence[int],
+        neurons: int | Sequence[int],
+    ) -> ModelShape:
+        """This shape with other per-layer head / key-value head / neuron counts (an int means every layer),
+        e.g. `shape.with_counts(**plan.counts())` describes the pruned model without building it."""
+        n = self.num_layers
+
+        def per_layer(value: int | Sequence[int], name: str) -> list[int]:
+            values = [value] * n if _is_int(value) else list(value)
+            if len(values) != n:
+                raise ValueError(f"{name}: {len(values)} counts for {n} layers")
+            return values
+
+        q, kv, i = per_layer(heads, "heads"), per_layer(kv_heads, "kv_heads"), per_layer(neurons, "neurons")
+        if self.fused_qkv or self.family in ("gpt2", "bert"):
+            if q != kv:
+                raise ValueError(f"{self.family} has one key/value head per query head: kv_heads must equal heads")
+        return replace(self, heads=q, kv_heads=kv, intermediate=i)
+
+    # ---- sizes
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.heads)
+
+    def _norm_shapes(self, name: str) -> list[tuple[str, tuple[int, ...]]]:
+        h = self.hidden_size
+        out = [(f"{name}.weight", (h,))]
+        if self.norm == "layer":
+            out.append((f"{name}.bias", (h,)))
+        return out
+
+    def layer_parameter_shapes(self, layer: int) -> list[tuple[str, tuple[int, ...]]]:
+        """Parameter tensors of one transformer layer, as (name, shape); Linear weights as [out, in]."""
+        h, d = self.hidden_size, self.head_dim
+        q, kv, inter = self.heads[layer] * d, self.kv_heads[layer] * d, self.intermediate[layer]
+        p = f"layers.{layer}"
+        out = self._norm_shapes(f"{p}.norm1")
+        if self.fused_qkv:
+            out.append((f"{p}.qkv.weight", (q + 2 * kv, h)))
+            if self.qkv_bias:
+                out.append((f"{p}.qkv.bias", (q + 2 * kv,)))
+        else:
+            for name, rows in (("q", q), ("k", kv), ("v", kv)):
+                out.append((f"{p}.{name}.weight", (rows, h)))
+                if self.qkv_bias:
+                    out.append((f"{p}.{name}.bias", (rows,)))
+        out.append((f"{p}.o.weight", (h, q)))
+        if self.o_bias:
+            out.append((f"{p}.o.bias", (h,)))
+        out += self._norm_shapes(f"{p}.norm2")
+        for name in ("gate", "up") if self.gated_mlp else ("fc",):
+            out.append((f"{p}.{name}.weight", (inter, h)))
+            if self.mlp_in_bias:
+                out.append((f"{p}.{name}.bias", (inter,)))
+        out.append((f"{p}.down.weight", (h, inter)))
+        if self.mlp_out_bias:
+            out.append((f"{p}.down.bias", (h,)))
+        return out
+
+    def parameter_shapes(self) -> list[tuple[str, tuple[int, ...]]]:
+        """Every parameter tensor as (name, shape), tied matrices once; sums to `num_params()`."""
+        v, h = self.vocab_size, self.hidden_size
+        out: list[tuple[str, tuple[int, ...]]] = [("embed_tokens.weight", (v, h))]
+        if self.position_embeddings:
+            out.append(("position_embeddings.weight", (self.position_embeddings, h)))
+        if self.token_type_embeddings:
+            out.append(("token_type_embeddings.weight", (self.token_type_embeddings, h)))
+        if self.embedding_norm:
+            out += self._norm_shapes("embeddings.norm")
+        for layer in range(self.num_layers):
+            out += self.layer_parameter_shapes(layer)
+        if self.final_norm:
+            out += self._norm_shapes("final_norm")
+        if self.pooler:
+            out += [("pooler.weight", (h, h)), ("pooler.bias", (h,))]
+        if self.head in ("causal_lm", "masked_lm"):
+            if self.head_transform:
+                out += [("head.transform.weight", (h, h)), ("head.transform.bias", (h,))]
+                out += self._norm_shapes("head.transform.norm")
+            if not self.tied_embeddings:
+                out.append(("head.output.weight", (v, h)))
+            if self.output_bias:
+                out.append(("head.output.bias", (v,)))
+        elif self.head == "sequence_classification":
+            out.append(("head.classifier.weight", (self.num_labels, h)))
+            if self.output_bias:
+                out.append(("head.classifier.bias", (self.num_labels,)))
+        if self.other_params:
+            out.append(("other", (self.other_params,)))
+        return out
+
+    def num_params(self) -> int:
+        """Exact parameter count (tied embeddings once), as `sum(p.numel() for p in model.parameters())`."""
+        return sum(math.prod(s) for _, s in self.parameter_shapes())
+
+    def num_tensors(self) -> int:
+        """Number of parameter tensors (torch optimizers keep one `step` scalar per tensor)."""
+        return len(self.parameter_shapes())
+
+    def layer_params(self, layer: int) -> int:
+        return sum(math.prod(s) for _, s in self.layer_parameter_shapes(layer))
+
+    def layer_matmul_params(self, layer: int) -> int:
+        """Weights of the layer's matrix multiplications (biases and norms excluded)."""
+        return sum(math.prod(s) for _, s in self.layer_parameter_shapes(layer) if len(s) == 2)
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs (forward + backward) per token at sequence length `seq_len`; formula in the module doc."""
+        if not _is_int(seq_len) or seq_len <= 0:
+            raise ValueError(f"seq_len={seq_len!r}: must be a positive integer")
+        h, v = self.hidden_size, self.vocab_size
+        matmul = sum(self.layer_matmul_params(l) for l in range(self.num_layers))
+        per_sequence = 0
+        if self.head in ("causal_lm", "masked_lm"):
+            matmul += v * h + (h * h if self.head_transform else 0)
+        elif self.head == "sequence_classification":
+            per_sequence += self.num_labels * h
+        if self.pooler:
+            per_sequence += h * h
+        attention = 12 * seq_len * sum(n * self.head_dim for n in self.heads)
+        return 6.0 * (matmul + per_sequence / seq_len) + attention
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _layer_facts(adapter, layers: list[LayerUnits]) -> dict:
+    """Bias / fusion / gating facts of the layers, read from the modules through the adapter's slices."""
+    seen = []
+    for layer in layers:
+        attn = adapter.attention_slices(layer, list(range(layer.num_heads)), list(range(layer.num_kv_heads)))
+        mlp = adapter.mlp_slices(layer, list(range(layer.intermediate_size)))
+        qkv_modules = {id(s.module) for s in attn if s.module is not layer.head_out}
+        mlp_in_modules = {id(s.module) for s in mlp if s.module is not layer.mlp_out}
+        seen.append(
+            dict(
+                fused_qkv=len(qkv_modules) == 1,
+                gated_mlp=len(mlp_in_modules) == 2,
+                qkv_bias=any(s.name == "bias" for s in attn),
+                o_bias=getattr(layer.head_out, "bias", None) is not None,
+                mlp_in_bias=any(s.name == "bias" for s in mlp),
+                mlp_out_bias=getattr(layer.mlp_out, "bias", None) is not None,
+            )
+        )
+    if any(f != seen[0] for f in seen):
+        raise ValueError("layers differ in biases, fusion or gating; ModelShape describes them with one set of flags")
+    return seen[0]
+
+
+def _positive(p: float | None) -> bool:
+    return bool(p) and p > 0
+
+
+def _llama_like_facts(model: nn.Module, config: PretrainedConfig) -> dict:
+    return dict(
+        norm="rms",
+        final_norm=True,
+        rotary=True,
+        activation=config.hidden_act,
+        softmax_fp32=True,
+        attention_dropout=_positive(getattr(config, "attention_dropout", 0.0)),
+    )
+
+
+def _gpt2_facts(model: nn.Module, config: PretrainedConfig) -> dict:
+    return dict(
+        norm="layer",
+        final_norm=True,
+        rotary=False,
+        position_embeddings=config.n_positions,
+        activation=config.activation_function,
+        softmax_fp32=False,
+        attention_dropout=_positive(config.attn_pdrop),
+        hidden_dropout=_positive(config.resid_pdrop),
+        embedding_dropout=_positive(config.embd_pdrop),
+    )
+
+
+def _bert_facts(model: nn.Module, config: PretrainedConfig) -> dict:
+    classifier_p = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
+    return dict(
+        norm="layer",
+        final_norm=False,
+        embedding_norm=True,
+        rotary=False,
+        position_embeddings=config.max_position_embeddings,
+        token_type_embeddings=config.type_vocab_size,
+        activation=config.hidden_act,
+        softmax_fp32=False,
+        attention_dropout=_positive(config.attention_probs_dropout_prob),
+        hidden_dropout=_positive(config.hidden_dropout_prob),
+        embedding_dropout=_positive(config.hidden_dropout_prob),
+        classifier_dropout=_positive(classifier_p),
+        pooler=getattr(model.base_model, "pooler", None) is not None,
+        head_transform_if_lm=True,  # BERT's LM heads (MLM, causal) put dense + act + LayerNorm before the decoder
+    )
+
+
+ShapeReader = Callable[[nn.Module, PretrainedConfig], dict]
+SHAPE_READERS: dict[str, ShapeReader] = {
+    "llama": _llama_like_facts,
+    "qwen2": _llama_like_facts,
+    "mistral": _llama_like_facts,
+    "gpt2": _gpt2_facts,
+    "bert": _bert_facts,
+}
+
+
+def register_shape_reader(family: str, reader: ShapeReader) -> None:
+    """Teach `ModelShape.from_model` a new family (keyed by the adapter's `name`): `reader(model, config)` returns
+    the ModelShape fields that the adapter's layers do not give (norm kind, positions, activation, dropout, ...)."""
+    SHAPE_READERS[family] = reader
+
+
+_HEAD_MAPPINGS: tuple[tuple[str, str], ...] = (
+    ("causal_lm", "MODEL_FOR_CAUSAL_LM_MAPPING"),
+    ("masked_lm", "MODEL_FOR_MASKED_LM_MAPPING"),
+    ("sequence_classification", "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING"),
+    ("none", "MODEL_MAPPING"),
+)
+
+
+def _head_kind(model: nn.Module) -> str | None:
+    """The task head, from transformers' own auto-class registries (config type → model class)."""
+    for kind, mapping_name in _HEAD_MAPPINGS:
+        mapping = getattr(modeling_auto, mapping_name)
+        try:
+            cls = mapping[type(model.config)]
+        except KeyError:
+            continue
+        if isinstance(model, cls):
+            return kind
+    return None
+
+
+def _head_facts(model: nn.Module, transform_if_lm: bool) -> dict:
+    kind = _head_kind(model)
+    embed = model.get_input_embeddings()
+    output = model.get_output_embeddings()
+    if kind in ("causal_lm", "masked_lm") and output is not None:
+        return dict(
+            head=kind,
+            head_transform=transform_if_lm,
+            tied_embeddings=output.weight is embed.weight or output.weight.data_ptr() == embed.weight.data_ptr(),
+            output_bias=getattr(output, "bias", None) is not None,
+            loss_fp32=kind == "causal_lm",
+        )
+    if kind == "sequence_classification":
+        base = {id(p) for p in model.base_model.parameters()}
+        head_params = sum(p.numel() for p in model.parameters() if id(p) not in base)
+        labels, hidden = model.config.num_labels, embed.weight.shape[1]
+        return dict(
+            head=kind, num_labels=labels, output_bias=head_params == labels * (hidden + 1), loss_fp32=False
+        )
+    # base model or an unfamiliar head: anything outside the base model ends up in other_params
+    return dict(head="none", loss_fp32=False, classifier_dropout=False)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The training setup
+
+Precision = Literal["fp32", "bf16", "bf16_mixed", "fp16_mixed"]
+PRECISIONS = ("fp32", "bf16", "bf16_mixed", "fp16_mixed")
+OPTIMIZERS = ("adamw", "sgd", "adafactor")
+DEVICES = ("cuda", "cpu")
+
+
+@dataclass
+class TrainingSetup:
+    """How the model is trained, as far as memory is concerned.
+
+    precision: `fp32`; `bf16` = a pure-bf16 torch run (`model.to(torch.bfloat16)`, torch optimizer: states in
+    bf16, no master copy); `bf16_mixed` / `fp16_mixed` = 2-byte weights, gradients and activations with fp32
+    master weights and fp32 optimizer states (DeepSpeed `bf16` / `fp16`, Megatron). optimizer: `adamw` (2 states),
+    `sgd` (with momentum: 1 state), `adafactor` (torch.optim.Adafactor: factored second moment, no first moment;
+    not under ZeRO, which flattens the matrices it factors). `device` only decides kernel details of the activation
+    estimate (dropout-mask and LayerNorm-statistics dtypes); keep `cuda` for GPU planning.
+    """
+
+    precision: Precision = "bf16_mixed"
+    optimizer: Literal["adamw", "sgd", "adafactor"] = "adamw"
+    micro_batch: int = 1
+    seq_len: int = 2048
+    activation_checkpointing: bool = False
+    zero_stage: int = 0
+    num_gpus: int = 1
+    device: Literal["cuda", "cpu"] = "cuda"
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision={self.precision!r}: choose one of {', '.join(PRECISIONS)}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer={self.optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
+        if self.device not in DEVICES:
+            raise ValueError(f"device={self.device!r}: choose one of {', '.join(DEVICES)}")
+        for name in ("micro_batch", "seq_len", "num_gpus"):
+            value = getattr(self, name)
+            if not _is_int(value) or value <= 0:
+                raise ValueError(f"{name}={value!r}: must be a positive integer")
+        if not _is_int(self.zero_stage) or not 0 <= self.zero_stage <= 3:
+            raise ValueError(f"zero_stage={self.zero_stage!r}: must be 0, 1, 2 or 3")
+        if not isinstance(self.activation_checkpointing, bool):
+            raise ValueError(f"activation_checkpointing={self.activation_checkpointing!r}: must be True or False")
+        if self.precision == "bf16" and self.zero_stage > 0:
+            raise ValueError(
+                "precision='bf16' is a pure-bf16 torch run; DeepSpeed ZeRO keeps fp32 master weights and states "
+                "for bf16 weights: use precision='bf16_mixed' with ZeRO"
+            )
+        if self.optimizer == "adafactor" and self.zero_stage > 0:
+            raise ValueError("optimizer='adafactor' factors each weight matrix; ZeRO flattens them: use zero_stage=0")
+
+    @property
+    def weight_bytes(self) -> int:
+        return 4 if self.precision == "fp32" else 2
+
+    @property
+    def activation_bytes(self) -> int:
+        return self.weight_bytes
+
+    @property
+    def state_bytes(self) -> int:
+        """Bytes of one optimizer-state element: torch allocates states like the parameter in a pure-bf16 run."""
+        return 2 if self.precision == "bf16" else 4
+
+    @property
+    def master_bytes(self) -> int:
+        """Bytes per parameter of an fp32 master copy held in the optimizer partition (0 when there is none)."""
+        if self.precision in ("bf16_mixed", "fp16_mixed"):
+            return 4
+        if self.precision == "fp32" and self.zero_stage in (1, 2):
+            return 4  # DeepSpeed ZeRO-1/2 clones its partition to fp32 even when the weights are fp32
+        return 0
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The estimate
+
+
+@dataclass
+class MemoryEstimate:
+    """Bytes per GPU. `activations` is what autograd keeps for backward; `transient` what lives on top of it
+    around the loss (logits and their gradients) and, under ZeRO-3, the one gathered layer."""
+
+    weights: int
+    gradients: int
+    optimizer: int
+    activations: int
+    transient: int
+    num_params: int
+    setup: TrainingSetup
+    breakdown: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def model_states(self) -> int:
+        return self.weights + self.gradients + self.optimizer
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.gradients + self.optimizer + self.activations + self.transient
+
+    def fits(self, gpu_bytes: int | str, headroom: float = 0.0) -> bool:
+        return self.total <= _usable(gpu_bytes, headroom)
+
+    def to_dict(self) -> dict:
+        return {
+            "weights": self.weights,
+            "gradients": self.gradients,
+            "optimizer": self.optimizer,
+            "activations": self.activations,
+            "transient": self.transient,
+            "total": self.total,
+            "num_params": self.num_params,
+            "setup": asdict(self.setup),
+            "breakdown": dict(self.breakdown),
+        }
+
+    def __str__(self) -> str:
+        parts = ", ".join(
+            f"{k} {format_bytes(getattr(self, k))}"
+            for k in ("weights", "gradients", "optimizer", "activations", "transient")
+        )
+        s = self.setup
+        return (
+            f"{format_bytes(self.total)} per GPU ({parts}); {self.num_params:,} params, {s.precision}, {s.optimizer}, "
+            f"ZeRO-{s.zero_stage} on {s.num_gpus} GPU(s), micro batch {s.micro_batch} × {s.seq_len} tokens"
+            + (", checkpointing" if s.activation_checkpointing else "")
+        )
+
+
+def optimizer_state_elements(shape: ModelShape, optimizer: str) -> int:
+    """Optimizer-state elements for the whole model (without a master copy and without step counters)."""
+    if optimizer == "adamw":
+        return 2 * shape.num_params()
+    if optimizer == "sgd":
+        return shape.num_params()
+    if optimizer == "adafactor":
+        total = 0
+        for _, s in shape.parameter_shapes():
+            if len(s) >= 2:
+                total += math.prod(s[:-1]) + math.prod(s[:-2]) * s[-1]  # row and column statistics
+            else:
+                total += math.prod(s)
+        return total
+    raise ValueError(f"optimizer={optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
+
+
+def activation_breakdown(shape: ModelShape, setup: TrainingSetup) -> dict[str, int]:
+    """Activation bytes kept for backward, by part (`layer.<i>`, `embeddings`, `final_norm`, `head`, ...);
+    the formulas are in the module docstring."""
+    b, t, h, d, v = setup.micro_batch, setup.seq_len, shape.hidden_size, shape.head_dim, shape.vocab_size
+    a = setup.activation_bytes
+    cuda = setup.device == "cuda"
+    mask = 1 if cuda else a
+    stats = 4 if cuda else a
+    rows = b * t
+
+    def norm(n_rows: int) -> int:
+        if shape.norm == "rms":
+            return n_rows * h * (4 + 2 * a) + 4 * n_rows
+        return n_rows * h * 2 * a + 2 * stats * n_rows
+
+    score_bytes = (4 if shape.softmax_fp32 else a) + (a if shape.softmax_fp32 and a != 4 else 0)
+    if shape.attention_dropout:
+        score_bytes += mask + a
+    act_saved = ACTIVATION_SAVED.get(shape.activation, 1)
+    out: dict[str, int] = {}
+    for l, (nh, inter) in enumerate(zip(shape.heads, shape.intermediate)):
+        attention = rows * nh * d * 4 * a + b * nh * t * t * score_bytes
+        mlp = rows * inter * a * (act_saved + (3 if shape.gated_mlp else 1))
+        residual = 2 * rows * h * mask if shape.hidden_dropout else 0
+        out[f"layer.{l}"] = 2 * norm(rows) + attention + mlp + residual
+    lookups = (1 if shape.position_embeddings else 0) + (1 if shape.token_type_embeddings else 0)
+    embeddings = 8 * rows + 8 * t * lookups
+    if shape.embedding_norm:
+        embeddings += norm(rows)
+    if shape.embedding_dropout:
+        embeddings += rows * h * mask
+    out["embeddings"] = embeddings
+    if shape.rotary:
+        out["rotary"] = 2 * t * d * a
+    if shape.final_norm:
+        out["final_norm"] = norm(rows)
+    if shape.head in ("causal_lm", "masked_lm"):
+        head = 0
+        if shape.head_transform:
+            head += rows * h * a * act_saved + norm(rows)
+        head += rows * v * (4 if shape.loss_fp32 else a) + 8 * rows + 4
+        out["head"] = head
+    elif shape.head == "sequence_classification":
+        head = b * h * a if shape.pooler else 0
+        if shape.classifier_dropout:
+            head += b * h * (mask + a)
+        head += b * shape.num_labels * (4 if shape.loss_fp32 else a) + 8 * b + 4
+        out["head"] = head
+    return out
+
+
+def _activations(shape: ModelShape, setup: TrainingSetup) -> tuple[int, dict[str, int]]:
+    parts = activation_breakdown(shape, setup)
+    if not setup.activation_checkpointing:
+        return sum(parts.values()), parts
+    layer_keys = [k for k in parts if k.startswith("layer.")]
+    rows_h = setup.micro_batch * setup.seq_len * shape.hidden_size * setup.activation_bytes
+    ckpt = {k: v for k, v in parts.items() if k not in layer_keys}
+    # BERT's embedding norm/dropout output (already counted in `embeddings`) is the first layer's input
+    ckpt["layer_inputs"] = (shape.num_layers - (1 if shape.embedding_norm else 0)) * rows_h
+    if not shape.final_norm:
+        ckpt["last_hidden"] = rows_h  # post-norm models: the head saves the last layer's output
+    if shape.head == "causal_lm":
+        # the additive causal mask [B, 1, T, T] that eager attention receives is a checkpoint input: kept until backward
+        ckpt["attention_mask"] = setup.micro_batch * setup.seq_len**2 * setup.activation_bytes
+    ckpt["recomputed_layer"] = max(parts[k] for k in layer_keys)
+    return sum(ckpt.values()), ckpt
+
+
+def estimate_memory(shape: ModelShape, setup: TrainingSetup) -> MemoryEstimate:
+    """Bytes per GPU to train `shape` with `setup`; formulas and what is not modelled are in the module docstring."""
+    n_params = shape.num_params()
+    n = setup.num_gpus
+    part = -(-n_params // n)  # ceil: ZeRO pads its flat buffer to a multiple of the data-parallel size
+    stage = setup.zero_stage
+    w = setup.weight_bytes
+    weights = (part if stage >= 3 else n_params) * w
+    gradients = (part if stage >= 2 else n_params) * w
+    if stage == 0:
+        states = optimizer_state_elements(shape, setup.optimizer) * setup.state_bytes
+        optimizer = n_params * setup.master_bytes + states
+        if setup.optimizer in ("adamw", "adafactor"):
+            optimizer += 4 * shape.num_tensors()  # torch's fp32 `step` scalar per parameter tensor
+    else:
+        per_param_states = {"adamw": 2, "sgd": 1}[setup.optimizer]
+        optimizer = part * (setup.master_bytes + per_param_states * setup.state_bytes)
+    activations, breakdown = _activations(shape, setup)
+    a = setup.activation_bytes
+    transient = 0
+    if shape.head in ("causal_lm", "masked_lm"):
+        loss_bytes = 4 if shape.loss_fp32 else a
+        transient += setup.micro_batch * setup.seq_len * shape.vocab_size * (a + 2 * loss_bytes)
+    if stage >= 3:
+        largest = max(
+            [shape.layer_params(l) for l in range(shape.num_layers)]
+            + [math.prod(s) for _, s in shape.parameter_shapes()]
+        )
+        transient += largest * w
+    return MemoryEstimate(
+        weights=weights,
+        gradients=gradients,
+        optimizer=optimizer,
+        activations=activations,
+        transient=transient,
+        num_params=n_params,
+        setup=setup,
+        breakdown=breakdown,
+    )
+
+
+def _usable(gpu_bytes: int | str, headroom: float) -> float:
+    total = parse_memory(gpu_bytes)
+    if not 0.0 <= headroom < 1.0:
+        raise ValueError(f"headroom={headroom!r}: the fraction of GPU memory kept free must be in [0, 1)")
+    return total * (1.0 - headroom)
+
+
+def min_gpus(
+    shape: ModelShape,
+    setup: TrainingSetup,
+    gpu_bytes: int | str,
+    *,
+    max_gpus: int = 1024,
+    headroom: float = 0.0,
+) -> int | None:
+    """The fewest GPUs (at `setup.zero_stage`, ignoring `setup.num_gpus`) on which the estimate fits in `gpu_bytes`
+    (bytes or a string like "80GiB") minus a `headroom` fraction; None when even `max_gpus` do not suffice
+    (activations and, without ZeRO-3, weights do not shrink with more GPUs)."""
+    usable = _usable(gpu_bytes, headroom)
+
+    def fits(count: int) -> bool:
+        return estimate_memory(shape, replace(setup, num_gpus=count)).total <= usable
+
+    if not fits(max_gpus):
+        return None
+    lo, hi = 1, max_gpus  # the estimate never grows with more GPUs: binary search for the first that fits
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if fits(mid):
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
+def min_gpus_per_stage(
+    shape: ModelShape,
+    setup: TrainingSetup,
+    gpu_bytes: int | str,
+    *,
+    max_gpus: int = 1024,
+    headroom: float = 0.0,
+) -> dict[int, int | None]:
+    """`min_gpus` for every ZeRO stage the setup allows (stage → GPUs, or None when it cannot fit)."""
+    out: dict[int, int | None] = {}
+    for stage in range(4):
+        try:
+            staged = replace(setup, zero_stage=stage)
+        except ValueError:
+            continue
+        out[stage] = min_gpus(shape, staged, gpu_bytes, max_gpus=max_gpus, headroom=headroom)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Units
+
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 10**3, "kb": 10**3, "kib": 2**10, "ki": 2**10,
+    "m": 10**6, "mb": 10**6, "mib": 2**20, "mi": 2**20,
+    "g": 10**9, "gb": 10**9, "gib": 2**30, "gi": 2**30,
+    "t": 10**12, "tb": 10**12, "tib": 2**40, "ti": 2**40,
+}  # fmt: skip
+_MEMORY_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*$")
+
+
+def parse_memory(value: int | float | str) -> int:
+    """Bytes from an int or a string: "24GB" = 24·10⁹ (SI), "80GiB" = 80·2³⁰ (binary), "512MiB", "1.5TB", "4096".
+    Bare K/M/G/T are SI like KB/MB/GB/TB; Ki/Mi/Gi/Ti are binary. Case-insensitive."""
+    if isinstance(value, bool):
+        raise ValueError(f"{value!r} is not a memory size")
+    if isinstance(value, (int, float)):
+        if value < 0 or not math.isfinite(value):
+            raise ValueError(f"{value!r}: memory size must be a finite non-negative number of bytes")
+        return int(value)
+    if not isinstance(value, str):
+        raise ValueError(f"{value!r} is not a memory size")
+    match = _MEMORY_RE.match(value)
+    unit = match.group(2).lower() if match else None
+    if match is None or unit not in _UNITS:
+        raise ValueError(
+            f"cannot read memory size {value!r}: use a number with a unit such as '24GB' (10^9 bytes) "
+            "or '80GiB' (2^30 bytes)"
+        )
+    return int(round(float(match.group(1)) * _UNITS[unit]))
+
+
+def format_bytes(n: int | float) -> str:
+    """Binary units, e.g. 1.50 GiB."""
+    for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+__all__ = [
+    "ACTIVATION_SAVED",
+    "MemoryEstimate",
+    "ModelShape",
+    "TrainingSetup",
+    "activation_breakdown",
+    "estimate_memory",
+    "format_bytes",
+    "min_gpus",
+    "min_gpus_per_stage",
+    "optimizer_state_elements",
+    "parse_memory",
+    "register_shape_reader",
+]

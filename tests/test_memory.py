@@ -1,0 +1,424 @@
+"""Tests for earlycrop.memory: exact parameter / gradient / optimizer-state bytes against real tensors, ZeRO
+partitioning, activations against what autograd really saves, and the fewest GPUs that fit."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+from torch import nn
+from torch.autograd.graph import saved_tensors_hooks
+from transformers.pytorch_utils import Conv1D
+
+from earlycrop import SelectionConfig, get_adapter, make_plan, params_after, prune
+from earlycrop.criteria import Scores
+from earlycrop.memory import (
+    ModelShape,
+    TrainingSetup,
+    activation_breakdown,
+    estimate_memory,
+    format_bytes,
+    min_gpus,
+    min_gpus_per_stage,
+    parse_memory,
+)
+from tests.tiny_models import FAMILIES, batches, build
+
+LAYOUTS = ["dense", "uniform", "global"]
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# Tolerances of the activation estimate against the bytes autograd saves, measured on CPU. With device="cpu" the
+# estimate models the CPU kernels (dropout masks and LayerNorm statistics in the activation dtype) and agrees to a
+# few bytes; the default device="cuda" estimate (1-byte dropout masks, fp32 statistics) differs from a CPU run only
+# by those dtypes, which the looser bound covers for the dropout-heavy GPT-2 / BERT.
+CPU_TOLERANCE = 0.02
+CUDA_TOLERANCE = 0.25
+CHECKPOINT_TOLERANCE = 0.05
+
+
+def _plan(model: nn.Module, layout: str, seed: int = 0):
+    layers = get_adapter(model).layers(model)
+    gen = torch.Generator().manual_seed(seed)
+    scores = Scores(
+        heads=[torch.rand(l.num_heads, generator=gen) for l in layers],
+        neurons=[torch.rand(l.intermediate_size, generator=gen) for l in layers],
+    )
+    return make_plan(model, scores, SelectionConfig(heads=0.5, mlp=0.5, layout=layout))
+
+
+def _model(family: str, layout: str = "dense") -> nn.Module:
+    model = build(family)
+    if layout != "dense":
+        prune(model, _plan(model, layout))
+    return model
+
+
+def _real_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# ---------------------------------------------------------------------------------------------------------- shape
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_shape_parameter_count_is_exact(family, layout):
+    model = _model(family, layout)
+    shape = ModelShape.from_model(model)
+    assert shape.other_params == 0
+    assert shape.num_params() == _real_params(model)
+    assert shape.num_tensors() == len(list(model.parameters()))
+    layers = get_adapter(model).layers(model)
+    assert shape.heads == [l.num_heads for l in layers]
+    assert shape.kv_heads == [l.num_kv_heads for l in layers]
+    assert shape.intermediate == [l.intermediate_size for l in layers]
+
+
+def test_shape_reads_family_structure():
+    llama, qwen, gpt2 = (ModelShape.from_model(build(f)) for f in ("llama", "qwen2", "gpt2"))
+    bert, cls = (ModelShape.from_model(build(f)) for f in ("bert", "bert-cls"))
+    assert llama.gated_mlp and not llama.qkv_bias and llama.norm == "rms" and not llama.tied_embeddings
+    assert qwen.qkv_bias and not qwen.o_bias  # Qwen2: biases on q/k/v only
+    assert gpt2.fused_qkv and not gpt2.gated_mlp and gpt2.tied_embeddings and gpt2.position_embeddings == 64
+    assert (bert.head, bert.head_transform, bert.output_bias, bert.pooler) == ("masked_lm", True, True, False)
+    assert (cls.head, cls.num_labels, cls.pooler, cls.tied_embeddings) == ("sequence_classification", 3, True, False)
+    assert bert.embedding_norm and not bert.final_norm and bert.token_type_embeddings == 2
+
+
+@pytest.mark.parametrize("layout", ["uniform", "global"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_with_counts_equals_pruned_model(family, layout):
+    model = build(family)
+    dense = ModelShape.from_model(model)
+    plan = _plan(model, layout)
+    predicted = dense.with_counts(**plan.counts())
+    expected_params = params_after(model, plan)
+    prune(model, plan)
+    assert predicted == ModelShape.from_model(model)
+    assert predicted.num_params() == expected_params == _real_params(model)
+
+
+def test_with_counts_validates():
+    shape = ModelShape.from_model(build("llama"))
+    assert shape.with_counts(4, 2, 24).heads == [4, 4]
+    with pytest.raises(ValueError, match="counts for 2 layers"):
+        shape.with_counts([4], 2, 24)
+    with pytest.raises(ValueError, match="split evenly"):
+        shape.with_counts(3, 2, 24)
+    with pytest.raises(ValueError, match="kv_heads must equal heads"):
+        ModelShape.from_model(build("gpt2")).with_counts(2, 1, 24)
+
+
+def _matmul_weights(model: nn.Module) -> int:
+    """Weights of every Linear / Conv1D the model runs per token, the output projection counted even when tied."""
+    return sum(m.weight.numel() for m in model.modules() if isinstance(m, (nn.Linear, Conv1D)))
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "bert"])
+def test_flops_per_token(family):
+    model = _model(family, "global")
+    shape = ModelShape.from_model(model)
+    seq = 128
+    layers = get_adapter(model).layers(model)
+    attention = 12 * seq * sum(l.num_heads * l.head_dim for l in layers)
+    assert shape.flops_per_token(seq) == pytest.approx(6 * _matmul_weights(model) + attention)
+    assert shape.flops_per_token(2 * seq) > shape.flops_per_token(seq)
+    with pytest.raises(ValueError):
+        shape.flops_per_token(0)
+
+
+# ------------------------------------------------------------------------------------------------- model states
+
+
+def _nbytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _train_step(model: nn.Module, family: str, optimizer: torch.optim.Optimizer) -> None:
+    model.train()
+    batch = batches(family, n=1, batch_size=2, seq_len=8)[0]
+    model(**batch).loss.backward()
+    optimizer.step()
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("layout", ["dense", "global"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_weight_gradient_adamw_bytes_are_exact(family, layout, precision):
+    model = _model(family, layout).to(DTYPES[precision])
+    shape = ModelShape.from_model(model)
+    est = estimate_memory(shape, TrainingSetup(precision=precision, optimizer="adamw"))
+    assert est.weights == _nbytes(model.parameters())
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    _train_step(model, family, optimizer)
+    grads = [p.grad for p in model.parameters()]
+    assert all(g is not None for g in grads)
+    assert est.gradients == _nbytes(grads)
+    # every state tensor, including torch's fp32 scalar `step` per parameter (4 bytes × parameter tensors)
+    states = [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
+    assert est.optimizer == _nbytes(states)
+    assert sum(1 for s in optimizer.state.values() if s["step"].dtype == torch.float32) == shape.num_tensors()
+
+
+@pytest.mark.parametrize(
+    "name,make",
+    [
+        ("sgd", lambda params: torch.optim.SGD(params, lr=1e-3, momentum=0.9)),
+        ("adafactor", lambda params: torch.optim.Adafactor(params, lr=1e-3)),
+    ],
+)
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_sgd_and_adafactor_state_bytes_are_exact(family, name, make):
+    model = _model(family, "global")
+    est = estimate_memory(ModelShape.from_model(model), TrainingSetup(precision="fp32", optimizer=name))
+    optimizer = make(model.parameters())
+    _train_step(model, family, optimizer)
+    states = [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
+    assert est.optimizer == _nbytes(states)
+
+
+def test_zero_partitioning_divides_with_ceil_and_is_monotone():
+    shape = ModelShape.from_model(build("llama"))
+    p = shape.num_params()
+    assert p % 3 and p % 9  # uneven splits exercise the rounding
+    setup = TrainingSetup(precision="bf16_mixed", optimizer="adamw", micro_batch=2, seq_len=32)
+    for n in range(1, 10):
+        part = math.ceil(p / n)
+        s0, s1, s2, s3 = (estimate_memory(shape, replace(setup, zero_stage=z, num_gpus=n)) for z in range(4))
+        # stage 0 replicates everything; bf16 weights/grads, fp32 master + two fp32 Adam states = 12 bytes
+        assert (s0.weights, s0.gradients) == (2 * p, 2 * p)
+        assert s0.optimizer == 12 * p + 4 * shape.num_tensors()
+        assert (s1.weights, s1.gradients, s1.optimizer) == (2 * p, 2 * p, 12 * part)
+        assert (s2.weights, s2.gradients, s2.optimizer) == (2 * p, 2 * part, 12 * part)
+        assert (s3.weights, s3.gradients, s3.optimizer) == (2 * part, 2 * part, 12 * part)
+        assert s0.activations == s1.activations == s2.activations == s3.activations
+    # fp32 under ZeRO-1/2: DeepSpeed still clones an fp32 master partition; ZeRO-3 reuses fp32 weights
+    fp32 = replace(setup, precision="fp32", num_gpus=3)
+    assert estimate_memory(shape, replace(fp32, zero_stage=1)).optimizer == 12 * math.ceil(p / 3)
+    assert estimate_memory(shape, replace(fp32, zero_stage=3)).optimizer == 8 * math.ceil(p / 3)
+    for stage in range(4):
+        totals = [estimate_memory(shape, replace(setup, zero_stage=stage, num_gpus=n)) for n in range(1, 65)]
+        for key in ("weights", "gradients", "optimizer", "total"):
+            values = [getattr(e, key) for e in totals]
+            assert all(a >= b for a, b in zip(values, values[1:])), (stage, key)
+
+
+def test_zero_paper_example():
+    """The ZeRO paper's 7.5B-parameter, 64-GPU example (Adam, mixed precision): 120 GB → 31.4 / 16.6 / 1.9 GB."""
+    shape = ModelShape(
+        family="llama", vocab_size=32000, hidden_size=4096, head_dim=128, heads=[32] * 32, kv_heads=[32] * 32,
+        intermediate=[11008] * 32,
+    )
+    p = shape.num_params()
+    assert 6.7e9 < p < 6.8e9  # Llama-2-7B
+    setup = TrainingSetup(precision="bf16_mixed", zero_stage=0, num_gpus=64)
+    states = [estimate_memory(shape, replace(setup, zero_stage=z)).model_states for z in range(4)]
+    assert states[0] == 16 * p + 4 * shape.num_tensors()
+    assert states[1] == 4 * p + 12 * math.ceil(p / 64)
+    assert states[2] == 2 * p + 14 * math.ceil(p / 64)
+    assert states[3] == 16 * math.ceil(p / 64)
+
+
+def test_training_setup_validation():
+    with pytest.raises(ValueError, match="precision"):
+        TrainingSetup(precision="fp8")
+    with pytest.raises(ValueError, match="optimizer"):
+        TrainingSetup(optimizer="lion")
+    with pytest.raises(ValueError, match="zero_stage"):
+        TrainingSetup(zero_stage=4)
+    with pytest.raises(ValueError, match="micro_batch"):
+        TrainingSetup(micro_batch=0)
+    with pytest.raises(ValueError, match="num_gpus"):
+        TrainingSetup(num_gpus=1.5)
+    with pytest.raises(ValueError, match="bf16_mixed"):
+        TrainingSetup(precision="bf16", zero_stage=2)
+    with pytest.raises(ValueError, match="adafactor"):
+        TrainingSetup(optimizer="adafactor", zero_stage=1)
+    with pytest.raises(ValueError, match="device"):
+        TrainingSetup(device="tpu")
+
+
+# -------------------------------------------------------------------------------------------------- activations
+
+
+def _measure_saved(model: nn.Module, batch: dict) -> tuple[int, int, int]:
+    """Bytes autograd keeps for backward, each storage once, parameters excluded: (forward, recomputed during
+    backward by checkpointing, held by checkpointed layers as keyword inputs)."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    phases: dict[str, dict[int, int]] = {"forward": {}, "backward": {}}
+    phase = ["forward"]
+    alive = []  # keeps packed tensors alive so storages are never reused within the measurement
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            phases[phase[0]].setdefault(storage.data_ptr(), storage.nbytes())
+            alive.append(t)
+        return t
+
+    kwarg_storages: dict[int, int] = {}
+
+    def kwargs_hook(module, args, kwargs):
+        for value in kwargs.values():
+            if torch.is_tensor(value):
+                kwarg_storages.setdefault(value.untyped_storage().data_ptr(), value.untyped_storage().nbytes())
+
+    hooks = []
+    if model.is_activation_checkpointing:
+        hooks = [b.register_forward_pre_hook(kwargs_hook, with_kwargs=True) for b in get_adapter(model).blocks(model)]
+    with saved_tensors_hooks(pack, lambda t: t):
+        loss = model(**batch).loss
+        phase[0] = "backward"
+        loss.backward()
+    for h in hooks:
+        h.remove()
+    held = sum(n for ptr, n in kwarg_storages.items() if ptr not in phases["forward"])
+    return sum(phases["forward"].values()), sum(phases["backward"].values()), held
+
+
+ACTIVATION_CASES = [
+    ("llama", "dense"),
+    ("llama", "global"),
+    ("gpt2", "dense"),
+    ("gpt2", "global"),
+    ("qwen2", "dense"),
+    ("bert", "dense"),
+    ("bert-cls", "dense"),
+]
+MEASURED_ERRORS: dict[str, float] = {}
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("family,layout", ACTIVATION_CASES)
+def test_activation_estimate_matches_saved_tensors(family, layout, precision):
+    micro_batch, seq_len = 4, 64
+    model = _model(family, layout).to(DTYPES[precision]).train()
+    batch = batches(family, n=1, batch_size=micro_batch, seq_len=seq_len)[0]
+    measured, recomputed, _ = _measure_saved(model, batch)
+    assert recomputed == 0
+    shape = ModelShape.from_model(model)
+    setup = TrainingSetup(precision=precision, micro_batch=micro_batch, seq_len=seq_len)
+    cpu = estimate_memory(shape, replace(setup, device="cpu")).activations
+    cuda = estimate_memory(shape, setup).activations
+    key = f"{family}/{layout}/{precision}"
+    MEASURED_ERRORS[f"{key}/cpu"] = (cpu - measured) / measured
+    MEASURED_ERRORS[f"{key}/cuda"] = (cuda - measured) / measured
+    print(f"\n{key}: measured {measured} B, estimate cpu {cpu} ({(cpu - measured) / measured:+.3%}), "
+          f"cuda {cuda} ({(cuda - measured) / measured:+.3%})")
+    assert abs(cpu - measured) <= CPU_TOLERANCE * measured
+    assert abs(cuda - measured) <= CUDA_TOLERANCE * measured
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "bert"])
+def test_checkpointed_activation_estimate(family):
+    """Reentrant checkpointing recomputes each layer inside backward, where the hooks see it: kept = what the
+    forward saves + the inputs the checkpointed layers hold + one layer's recomputation (layers are equal here)."""
+    micro_batch, seq_len = 4, 64
+    model = build(family).train()
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
+    batch = batches(family, n=1, batch_size=micro_batch, seq_len=seq_len)[0]
+    forward, recomputed, held = _measure_saved(model, batch)
+    shape = ModelShape.from_model(model)
+    measured = forward + held + recomputed // shape.num_layers
+    setup = TrainingSetup(precision="fp32", micro_batch=micro_batch, seq_len=seq_len, device="cpu")
+    est = estimate_memory(shape, replace(setup, activation_checkpointing=True))
+    dense = estimate_memory(shape, setup)
+    MEASURED_ERRORS[f"{family}/checkpointing/fp32/cpu"] = (est.activations - measured) / measured
+    print(f"\n{family} checkpointed: measured {measured} B, estimate {est.activations} "
+          f"({(est.activations - measured) / measured:+.3%}); without checkpointing {dense.activations}")
+    assert abs(est.activations - measured) <= CHECKPOINT_TOLERANCE * measured
+    assert est.activations < dense.activations
+
+
+def test_activations_scale_with_batch_and_quadratically_with_heads():
+    shape = ModelShape.from_model(build("llama"))
+    base = TrainingSetup(precision="bf16_mixed", micro_batch=1, seq_len=256)
+    one = estimate_memory(shape, base).activations
+    assert estimate_memory(shape, replace(base, micro_batch=2)).activations == pytest.approx(2 * one, rel=0.01)
+    parts = activation_breakdown(shape, replace(base, seq_len=512))
+    small = activation_breakdown(shape.with_counts(4, 2, 48), replace(base, seq_len=512))
+    # the T² score term dominates at this length: halving heads nearly halves each layer
+    assert small["layer.0"] < 0.6 * parts["layer.0"]
+
+
+# ----------------------------------------------------------------------------------------------------- min_gpus
+
+
+def test_min_gpus_is_the_smallest_count_that_fits():
+    shape = ModelShape(
+        family="llama", vocab_size=32000, hidden_size=4096, head_dim=128, heads=[32] * 32, kv_heads=[8] * 32,
+        intermediate=[14336] * 32,
+    )
+    setup = TrainingSetup(precision="bf16_mixed", micro_batch=1, seq_len=4096, activation_checkpointing=True)
+    gpu = parse_memory("80GiB")
+    found = {}
+    for stage in range(4):
+        staged = replace(setup, zero_stage=stage)
+        n = min_gpus(shape, staged, gpu)
+        found[stage] = n
+        if n is None:
+            assert not estimate_memory(shape, replace(staged, num_gpus=1024)).fits(gpu)
+            continue
+        assert estimate_memory(shape, replace(staged, num_gpus=n)).total <= gpu
+        if n > 1:
+            assert estimate_memory(shape, replace(staged, num_gpus=n - 1)).total > gpu
+    assert found[0] is None  # 8B params × 16 bytes replicated do not fit 80 GiB
+    assert found[1] is not None and found[1] >= found[2] >= found[3]  # each stage shards more
+    assert min_gpus_per_stage(shape, setup, "80GiB") == found
+    # headroom only ever asks for more GPUs
+    assert min_gpus(shape, replace(setup, zero_stage=3), gpu, headroom=0.2) >= found[3]
+    # activations do not shard: a GPU smaller than one micro batch's activations never fits
+    too_small = estimate_memory(shape, replace(setup, zero_stage=3)).activations - 1
+    assert min_gpus(shape, replace(setup, zero_stage=3), too_small) is None
+
+
+def test_min_gpus_on_tiny_model_boundaries():
+    shape = ModelShape.from_model(build("gpt2"))
+    setup = TrainingSetup(precision="fp32", micro_batch=2, seq_len=32, zero_stage=3)
+    for target in (1, 2, 5, 17):
+        budget = estimate_memory(shape, replace(setup, num_gpus=target)).total
+        n = min_gpus(shape, setup, budget)
+        assert n <= target
+        assert estimate_memory(shape, replace(setup, num_gpus=n)).total <= budget
+        if n > 1:
+            assert estimate_memory(shape, replace(setup, num_gpus=n - 1)).total > budget
+    replicated = replace(setup, zero_stage=0)
+    need = estimate_memory(shape, replicated).total
+    assert min_gpus(shape, replicated, need) == 1
+    assert min_gpus(shape, replicated, need - 1) is None
+
+
+def test_parse_memory():
+    assert parse_memory("24GB") == 24 * 10**9
+    assert parse_memory("80GiB") == 80 * 2**30
+    assert parse_memory("80 gib") == 80 * 2**30
+    assert parse_memory("512MiB") == 512 * 2**20
+    assert parse_memory("1.5TB") == 1_500_000_000_000
+    assert parse_memory("40G") == 40 * 10**9
+    assert parse_memory("4096") == 4096
+    assert parse_memory(1024) == 1024
+    for bad in ("", "GB", "12XB", "-1GB", "1e3GB", True, None):
+        with pytest.raises(ValueError):
+            parse_memory(bad)
+    assert format_bytes(3 * 2**30) == "3.00 GiB"
+
+
+def test_estimate_string_and_dict():
+    shape = ModelShape.from_model(build("llama"))
+    est = estimate_memory(shape, TrainingSetup(micro_batch=2, seq_len=16))
+    d = est.to_dict()
+    parts = ("weights", "gradients", "optimizer", "activations", "transient")
+    assert d["total"] == est.total == sum(d[k] for k in parts)
+    assert "per GPU" in str(est) and "ZeRO-0" in str(est)
+
+
+def test_unfamiliar_head_is_counted_but_flagged():
+    from transformers import BertConfig, BertForTokenClassification
+
+    model = BertForTokenClassification(BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2,
+                                                  num_attention_heads=4, intermediate_size=48, num_labels=2))
+    with pytest.warns(UserWarning, match="other_params"):
+        shape = ModelShape.from_model(model)
+    assert shape.other_params == 2 * 32 + 2  # the token classifier
+    assert shape.num_params() == _real_params(model)
