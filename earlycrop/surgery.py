@@ -1,8 +1,7 @@
 """Surgery: physically remove the heads and neurons a Plan drops.
 
 Weights, biases, module bookkeeping, the model config and (optionally) the optimizer state are
-changed in one call, so a pruned model is never half-described. Parameters keep their identity
-(only `.data` is replaced), so an optimizer built before pruning still points at them.
+changed in one call, so a pruned model is never half-described. Pruned parameters are replaced by new ones; an optimizer passed to `prune` is re-pointed at them.
 """
 
 from __future__ import annotations
@@ -46,18 +45,24 @@ def _validate(plan: Plan, layers: list[LayerUnits], adapter: FamilyAdapter) -> N
 
 
 def _apply_slice(s: ParamSlice, optimizer: torch.optim.Optimizer | None) -> None:
-    p = s.parameter
-    index = s.index.to(p.device)
-    old_shape = p.shape
-    with torch.no_grad():
-        p.data = p.data.index_select(s.dim, index).clone()
-    if p.grad is not None:
-        p.grad = p.grad.index_select(s.dim, index).clone()
-    if optimizer is not None and p in optimizer.state:
-        state = optimizer.state[p]
+    """Swap in a new, smaller Parameter (resizing `.data` in place breaks autograd nodes that
+    DDP and earlier graphs keep for the old shape); the optimizer is re-pointed and its state sliced."""
+    old = s.parameter
+    index = s.index.to(old.device)
+    new = nn.Parameter(old.detach().index_select(s.dim, index).clone(), requires_grad=old.requires_grad)
+    if old.grad is not None:
+        new.grad = old.grad.index_select(s.dim, index).clone()
+    setattr(s.module, s.name, new)
+    if optimizer is None:
+        return
+    for group in optimizer.param_groups:
+        group["params"] = [new if p is old else p for p in group["params"]]
+    if old in optimizer.state:
+        state = optimizer.state.pop(old)
         for key, value in state.items():
-            if torch.is_tensor(value) and value.shape == old_shape:
+            if torch.is_tensor(value) and value.shape == old.shape:
                 state[key] = value.index_select(s.dim, index.to(value.device)).clone()
+        optimizer.state[new] = state
 
 
 def prune(model: nn.Module, plan: Plan, optimizer: torch.optim.Optimizer | None = None) -> PruneResult:
