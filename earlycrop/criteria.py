@@ -18,6 +18,7 @@ from typing import ClassVar, Literal
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm.auto import tqdm
 
 from .families import FamilyAdapter, get_adapter
@@ -134,11 +135,13 @@ def hessian_gradient_product(ctx: ScoringContext, hvp: Literal["exact", "finite_
     g = _weight_gradient(ctx, weights)
     acc = ctx.gates.zeros_like()
     if hvp == "exact":
-        for batch in ctx.iter_batches("H·g (exact)"):
-            grads = torch.autograd.grad(ctx.loss_fn(ctx.model, batch), weights, create_graph=True)
-            z = sum((gi * dw).sum() for gi, dw in zip(g, grads))
-            for a, d in zip(acc, torch.autograd.grad(z, ctx.gates.parameters())):
-                a.add_(d)
+        # fused SDPA kernels (flash / memory-efficient) have no double backward; the math path has
+        with sdpa_kernel(SDPBackend.MATH):
+            for batch in ctx.iter_batches("H·g (exact)"):
+                grads = torch.autograd.grad(ctx.loss_fn(ctx.model, batch), weights, create_graph=True)
+                z = sum((gi * dw).sum() for gi, dw in zip(g, grads))
+                for a, d in zip(acc, torch.autograd.grad(z, ctx.gates.parameters())):
+                    a.add_(d)
     elif hvp == "finite_difference":
         g_norm = math.sqrt(sum(float((gi.double() ** 2).sum()) for gi in g))
         if g_norm == 0.0:
@@ -215,7 +218,8 @@ class Fisher(Criterion):
 
 
 class Activation(Criterion):
-    """Mean output norm of each unit over all calibration tokens (the Minitron importance)."""
+    """Mean output norm of each unit over all calibration tokens (the Minitron importance).
+    Padding (`attention_mask == 0`) is neither summed nor counted."""
 
     name = "activation"
 
@@ -224,17 +228,21 @@ class Activation(Criterion):
         tokens = torch.zeros(1, dtype=sums[0].dtype, device=sums[0].device)
         head_sums, neuron_sums = ctx.gates.split(sums)
         handles = []
+        token_weight: list[torch.Tensor] = []  # the current batch's flattened attention mask
+
+        def add(acc: torch.Tensor, per_token: torch.Tensor) -> None:
+            per_token = per_token.reshape(-1, acc.numel()).to(acc.dtype)
+            acc.add_((per_token * token_weight[0][:, None]).sum(0))
 
         def head_hook(acc: torch.Tensor, head_dim: int):
             def hook(module, args):
-                x = args[0].detach()
-                acc.add_(x.unflatten(-1, (-1, head_dim)).norm(dim=-1).reshape(-1, acc.numel()).sum(0).to(acc.dtype))
+                add(acc, args[0].detach().unflatten(-1, (-1, head_dim)).norm(dim=-1))
 
             return hook
 
         def neuron_hook(acc: torch.Tensor):
             def hook(module, args):
-                acc.add_(args[0].detach().abs().reshape(-1, acc.numel()).sum(0).to(acc.dtype))
+                add(acc, args[0].detach().abs())
 
             return hook
 
@@ -244,7 +252,10 @@ class Activation(Criterion):
         try:
             with torch.no_grad():
                 for batch in ctx.iter_batches("activation"):
-                    tokens += batch["input_ids"].numel()
+                    mask = batch.get("attention_mask")
+                    mask = torch.ones_like(batch["input_ids"]) if mask is None else mask
+                    token_weight[:] = [mask.reshape(-1).to(tokens.dtype)]
+                    tokens += token_weight[0].sum()
                     ctx.model(**{k: v for k, v in batch.items() if k != "labels"})
         finally:
             for h in handles:

@@ -150,11 +150,14 @@ def _uniform_keep(total: int, ratio: float, multiple: int, key: str, layer: int)
     return min(keep, total)
 
 
-def _check_removes_something(kind: str, ratio: float, kept: int, total: int, multiple: int) -> None:
-    if ratio > 0 and kept >= total:
+def _check_removes_something(kind: str, ratio: float, kept: list[int], totals: list[int], multiples: list[int]) -> None:
+    if ratio > 0 and sum(kept) >= sum(totals):
+        # per layer, not over the whole model: a layer of U units kept in multiples of m loses one
+        # multiple at the ratio m / U (half that, the model-wide m / ΣU, can still round back to U)
+        smallest = min(m / t for m, t in zip(multiples, totals))
         raise ValueError(
-            f"{kind}={ratio} removes nothing: counts are kept in multiples of {multiple} of {total} "
-            f"(GQA groups / rounding); the smallest ratio that removes anything is {multiple / total:.4g}"
+            f"{kind}={ratio} removes nothing: counts are kept in multiples of {multiples[0]} of {max(totals)} "
+            f"units per layer (GQA groups / rounding); a ratio of at least {smallest:.4g} removes some"
         )
 
 
@@ -180,7 +183,8 @@ def make_plan(model: nn.Module, scores: Scores, config: SelectionConfig, meta: d
     adapter = get_adapter(model)
     layers = adapter.layers(model)
     _check_scores_match(layers, scores)
-    if config.target_params is not None:
+    target = config.target_params
+    if target is not None:
         ratio = _ratio_for_budget(model, scores, config)
         config = SelectionConfig(ratio, ratio, config.layout, config.round_to, config.gqa)
     head_units = [_head_units(l, s, config.gqa)[0] for l, s in zip(layers, scores.heads)]
@@ -191,8 +195,8 @@ def make_plan(model: nn.Module, scores: Scores, config: SelectionConfig, meta: d
     else:
         head_counts = _global_counts(head_units, config.heads, head_mult)
         neuron_counts = _global_counts(scores.neurons, config.mlp, [config.round_to] * len(layers))
-    _check_removes_something("heads", config.heads, sum(head_counts), sum(_units(l, config.gqa) for l in layers), head_mult[0])
-    _check_removes_something("mlp", config.mlp, sum(neuron_counts), sum(l.intermediate_size for l in layers), config.round_to)
+    _check_removes_something("heads", config.heads, head_counts, [_units(l, config.gqa) for l in layers], head_mult)
+    _check_removes_something("mlp", config.mlp, neuron_counts, [l.intermediate_size for l in layers], [config.round_to] * len(layers))
     heads, kv_heads, neurons = [], [], []
     for layer, hs, ns, hc, nc in zip(layers, scores.heads, scores.neurons, head_counts, neuron_counts):
         q, kv = _kept_heads(layer, hs, hc, config.gqa)
@@ -208,7 +212,7 @@ def make_plan(model: nn.Module, scores: Scores, config: SelectionConfig, meta: d
         dense_heads=[l.num_heads for l in layers],
         dense_kv_heads=[l.num_kv_heads for l in layers],
         dense_neurons=[l.intermediate_size for l in layers],
-        meta={"selection": asdict(config), **(meta or {})},
+        meta={"selection": {**asdict(config), "target_params": target}, **(meta or {})},
     )
 
 
@@ -248,6 +252,15 @@ def _ratio_for_budget(model: nn.Module, scores: Scores, config: SelectionConfig)
         return params_after(model, plan)
 
     lo, hi = 0.0, 0.999
+    if config.layout == "uniform":
+        # a uniform ratio near 1 empties every layer: the most pruned uniform plan keeps one
+        # multiple (GQA group / round_to) per layer, which is the ratio 1 - multiple / total
+        layers = get_adapter(model).layers(model)
+        hi = min(
+            min(1.0 - _head_multiple(l, config.gqa) / _units(l, config.gqa), 1.0 - config.round_to / l.intermediate_size)
+            for l in layers
+        )
+        hi = max(hi, 0.0)
     smallest = size(hi)
     if smallest is None or smallest > target:
         raise ValueError(

@@ -76,11 +76,17 @@ def from_pretrained(path: str | Path, *, dtype: torch.dtype | None = None, **kwa
     if "attn_implementation" in kwargs:
         config._attn_implementation = kwargs.pop("attn_implementation")
     layout = getattr(config, LAYOUT_KEY)
+    # like plain `from_pretrained`: the saved dtype unless one is asked for, set BEFORE loading
+    # the weights so that float64 / bfloat16 values are not rounded through float32
+    if dtype is None or dtype == "auto":
+        dtype = getattr(config, "dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
     model = cls(config)
     prune(model, shape_plan(model, layout))
-    _load_weights(model, _read_state_dict(path))
     if dtype is not None:
         model.to(dtype)
+    _load_weights(model, _read_state_dict(path))
     model.eval()
     return model
 
