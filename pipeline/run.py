@@ -195,8 +195,8 @@ def run(cfg: RunConfig, resume: bool = False) -> dict:
     stage = zero_stage(accelerator)
     if stage == 3 and cfg.prune.prune_at not in (0, "never"):
         raise ValueError("prune_at > 0 under DeepSpeed ZeRO-3 is not supported (parameters are partitioned): use prune_at: 0 or ZeRO-1/2")
-    if stage is not None and cfg.prune.prune_at not in (0, "never"):
-        raise ValueError("prune_at > 0 under DeepSpeed is not supported yet: use prune_at: 0 with DeepSpeed, or DDP for mid-training pruning")
+    if stage == 0 and cfg.prune.prune_at not in (0, "never"):
+        raise ValueError("prune_at > 0 under DeepSpeed needs ZeRO stage 1 or 2 (or plain DDP); stage 0 is not supported")
 
     checkpoint = latest_checkpoint(out) if resume else None
     if resume and checkpoint is None:
@@ -247,8 +247,42 @@ def _log_plan(tracker, scores: Scores, plan: earlycrop.Plan, result: earlycrop.P
     tracker.log_figure(plot_scores([h.tolist() for h in scores.heads], [n.tolist() for n in scores.neurons]), "scores.png")
 
 
+def _adam_from_deepspeed(cfg: RunConfig, module, step: int) -> torch.optim.AdamW:
+    """A plain AdamW holding the engine's full fp32 weights and moments (ZeRO-1/2 partitions gathered),
+    so surgery can slice them like any torch optimizer's state."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    optimizer = torch.optim.AdamW(module.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    for p in module.parameters():
+        master = safe_get_full_fp32_param(p)
+        if master is None:
+            continue
+        state = {key: safe_get_full_optimizer_state(p, key) for key in ("exp_avg", "exp_avg_sq")}
+        with torch.no_grad():
+            p.copy_(master.to(p.dtype))
+        optimizer.state[p] = {"step": torch.tensor(float(step)), **{k: v.clone() for k, v in state.items() if v is not None}}
+    return optimizer
+
+
+def _adam_into_deepspeed(engine, module, sliced: dict) -> None:
+    """Give a freshly built ZeRO-1/2 engine the sliced moments, so training continues without a restart."""
+    from deepspeed.utils import safe_set_full_optimizer_state
+
+    zero = engine.optimizer
+    base = zero.optimizer
+    for flat in zero.single_partition_of_fp32_groups:
+        step = next(iter(sliced.values()))["step"].clone() if sliced else torch.tensor(0.0)
+        base.state[flat] = {"step": step, "exp_avg": torch.zeros_like(flat), "exp_avg_sq": torch.zeros_like(flat)}
+    zero._lazy_init_hp_params_optimizer_state()
+    for p in module.parameters():
+        for key in ("exp_avg", "exp_avg_sq"):
+            if p in sliced and key in sliced[p]:
+                safe_set_full_optimizer_state(p, sliced[p][key].to(p.device, torch.float32), key)
+
+
 def _run_stages(cfg, accelerator, model, prepared, tracker, timer, state, checkpoint, out, dense_params, resume) -> dict:
     p = cfg.prune
+    stage = zero_stage(accelerator)
     plan: earlycrop.Plan | None = None
     if checkpoint is not None and state.pruned_at is not None:
         # the checkpoint holds the pruned shape: rebuild it, then load_state fills the weights
@@ -287,11 +321,19 @@ def _run_stages(cfg, accelerator, model, prepared, tracker, timer, state, checkp
             return model, optimizer, False
         with timer("score"):
             scores, new_plan = score_and_plan(cfg, accelerator, unwrapped, prepared.calibration, out, reuse=resume)
-        raw_optimizer = optimizer.optimizer
+        if stage is None:
+            raw_optimizer = optimizer.optimizer
+        else:
+            raw_optimizer = _adam_from_deepspeed(cfg, unwrapped, step)
         accelerator.free_memory()
         with timer("prune"):
             result = earlycrop.prune(unwrapped, new_plan, raw_optimizer)
-        model, optimizer = accelerator.prepare(unwrapped, raw_optimizer)
+        if stage is None:
+            model, optimizer = accelerator.prepare(unwrapped, raw_optimizer)
+        else:
+            sliced = {p: raw_optimizer.state.pop(p) for p in list(raw_optimizer.state)}
+            model, optimizer = accelerator.prepare(unwrapped, raw_optimizer)
+            _adam_into_deepspeed(model, unwrapped, sliced)
         _log_plan(tracker, scores, new_plan, result, out, step)
         if rule is not None:
             tracker.log_dict({"trace": rule.trace, "threshold": rule.threshold, "pruned_at": step}, "auto_schedule.json")

@@ -113,20 +113,39 @@ def test_two_nodes_on_loopback_score_like_one_process(tmp_path, reference):
     assert summary(out)["finished"]
 
 
+MID_TRAINING = ("prune.prune_at=6", "train.max_steps=16", "train.log_every=1", "train.scheduler=constant",
+                "prune.schedule_after_prune=continue")
+
+
+@pytest.fixture(scope="module")
+def pruned_mid_ddp(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("mid_ddp")
+    launching.accelerate("launch/accelerate/cpu_2proc.yaml", "-m", "launch.cli", "run", CONFIG, f"output_dir={out}", *MID_TRAINING)
+    return out
+
+
 @pytest.mark.slow
-def test_prune_mid_training_under_ddp_keeps_training(tmp_path):
-    out = tmp_path / "mid"
-    launching.accelerate("launch/accelerate/cpu_2proc.yaml", "-m", "launch.cli", "run", CONFIG, f"output_dir={out}",
-                         "prune.prune_at=6", "train.max_steps=16", "train.log_every=1", "train.scheduler=constant",
-                         "prune.schedule_after_prune=continue")
-    result = summary(out)
+def test_prune_mid_training_under_ddp_keeps_training(pruned_mid_ddp):
+    result = summary(pruned_mid_ddp)
     assert result["pruned_at"] == 6 and result["params_final"] < result["params_dense"]
-    client, run = mlflow_run(out)
+    client, run = mlflow_run(pruned_mid_ddp)
     losses = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "train_loss")}
     assert sorted(losses) == list(range(1, 17))
     # after the cut the loss keeps falling: the sliced Adam moments carry on instead of restarting
     assert sum(losses[s] for s in (14, 15, 16)) / 3 < losses[6]
     assert max(losses[s] for s in range(7, 17)) < losses[1]
+
+
+@pytest.mark.slow
+def test_prune_mid_training_under_zero2_matches_ddp(tmp_path, pruned_mid_ddp):
+    """ZeRO-2 gathers its partitioned moments, slices them and hands them to the rebuilt engine:
+    the run ends where the DDP run (plain torch Adam state, sliced in place) ends."""
+    out = tmp_path / "mid_zero2"
+    launching.accelerate("launch/accelerate/cpu_2proc_zero2.yaml", "-m", "launch.cli", "run", CONFIG,
+                         f"output_dir={out}", "tracking=false", *MID_TRAINING)
+    ds, ddp = summary(out), summary(pruned_mid_ddp)
+    assert ds["pruned_at"] == 6 and ds["params_final"] == ddp["params_final"]
+    assert ds["val_loss"] == pytest.approx(ddp["val_loss"], rel=1e-4)
 
 
 def _run_cmd(out: Path, *extra: str) -> list[str]:
