@@ -9,6 +9,18 @@ real English text that ships inside gensim's test data (DESIGN.md §6). Document
   line), so a train/validation split by document never puts two paragraphs of one article on both sides;
 - ``gensim:lee``: one document per line of ``lee_background.cor`` (one news story per line).
 
+Two small LABELLED sets ship there too (columns ``text`` and ``label``, a ``ClassLabel``; load them with
+``label_field="label"`` for classification, or without it to use their text only):
+
+- ``gensim:polarity``: ``pang_lee_polarity.cor``, 200 movie-review sentences (100 ``neg``, 100 ``pos``) in
+  fastText format (``__label__neg <lower-cased, tokenized sentence>``, Windows-1252), a sample of Pang & Lee's sentence
+  polarity dataset v1.0 (rt-polarity, Pang & Lee, ACL 2005);
+- ``gensim:newsgroups``: ``mini_newsgroup``, 200 posts of the 20 Newsgroups corpus (100 ``alt.atheism``,
+  100 ``sci.space``), a zlib-compressed pickle of a scikit-learn ``Bunch``. It is read with an unpickler that
+  admits only the handful of classes that file needs (never arbitrary code), and headers, quoted lines and
+  signature blocks are stripped as scikit-learn's ``remove=("headers", "footers", "quotes")`` does: the
+  ``Newsgroups:`` header names the class outright.
+
 Splitting happens on documents *before* tokenisation and packing, so no text leaks across the split.
 """
 
@@ -16,9 +28,13 @@ from __future__ import annotations
 
 import bz2
 import codecs
+import copyreg
 import functools
+import io
 import os
+import pickle
 import re
+import zlib
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -48,8 +64,13 @@ PAD_TOKEN = "<|pad|>"
 
 GENSIM_WIKI = "gensim:wiki"
 GENSIM_LEE = "gensim:lee"
+GENSIM_POLARITY = "gensim:polarity"
+GENSIM_NEWSGROUPS = "gensim:newsgroups"
+GENSIM_SOURCES = (GENSIM_WIKI, GENSIM_LEE, GENSIM_POLARITY, GENSIM_NEWSGROUPS)
 _WIKI_FILE = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 _LEE_FILE = "lee_background.cor"
+_POLARITY_FILE = "pang_lee_polarity.cor"
+_NEWSGROUPS_FILE = "mini_newsgroup"
 
 # Extension -> `datasets` packaged builder.
 _BUILDERS: dict[str, str] = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
@@ -63,6 +84,8 @@ T = TypeVar("T")
 _WIKI_MARKUP = re.compile(r"\[\[|\]\]|\{\{|\}\}|\||<|>|&[a-z]+;|^\s*[=*#:;!]|https?://")
 _SENTENCE_END = re.compile(r"[.!?][\"')\]]?$")
 _MIN_PARAGRAPH_WORDS = 8
+# 20 Newsgroups: lines that quote another post, or introduce a quote (as scikit-learn strips them).
+_NEWS_QUOTE = re.compile(r"(writes in|writes:|wrote:|says:|said:|^In article|^Quoted from|^\||^>)")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -80,20 +103,25 @@ def load_documents(
     """Load documents as a Dataset with a ``text`` column (and ``label`` when ``label_field`` is set).
 
     ``source`` is a local file or folder (``.txt``, ``.jsonl``/``.json``, ``.parquet``), ``gensim:wiki``,
-    ``gensim:lee``, or a hub dataset name (which only works where the hub is reachable or cached).
+    ``gensim:lee``, the labelled ``gensim:polarity`` / ``gensim:newsgroups`` (fields ``text``, ``label``),
+    or a hub dataset name (which only works where the hub is reachable or cached).
     String labels are encoded to class ids here, before any split, so train and validation share
     one label mapping.
     """
-    if source == GENSIM_WIKI:
+    if source in (GENSIM_WIKI, GENSIM_LEE):
         if label_field is not None:
-            raise ValueError(f"{source!r} has no labels; drop label_field={label_field!r} or use a labelled local file")
-        return _from_texts(list(_wiki_articles()), source)
-    if source == GENSIM_LEE:
-        if label_field is not None:
-            raise ValueError(f"{source!r} has no labels; drop label_field={label_field!r} or use a labelled local file")
-        return _from_texts(list(_lee_documents()), source)
+            raise ValueError(
+                f"{source!r} has no labels; drop label_field={label_field!r}, or use a labelled local file "
+                f"or {GENSIM_POLARITY!r} / {GENSIM_NEWSGROUPS!r}"
+            )
+        texts = _wiki_articles() if source == GENSIM_WIKI else _lee_documents()
+        return _from_texts(list(texts), source)
+    if source == GENSIM_POLARITY:
+        return _select_fields(_polarity_documents(), source, text_field=text_field, label_field=label_field)
+    if source == GENSIM_NEWSGROUPS:
+        return _select_fields(_newsgroups_documents(), source, text_field=text_field, label_field=label_field)
     if source.startswith("gensim:"):
-        raise ValueError(f"unknown gensim corpus {source!r}; use {GENSIM_WIKI!r} or {GENSIM_LEE!r}")
+        raise ValueError(f"unknown gensim corpus {source!r}; use one of {', '.join(map(repr, GENSIM_SOURCES))}")
 
     path = Path(source).expanduser()
     if path.exists():
@@ -178,7 +206,7 @@ def _load_hub(name: str, *, cache_dir: str | None) -> Dataset:
         raise ValueError(
             f"{name!r} is not a local file or folder, and loading it as a hub dataset failed ({exc}). "
             "This machine is offline: pass a local .txt/.jsonl/.json/.parquet file or folder, "
-            f"or {GENSIM_WIKI!r} / {GENSIM_LEE!r}"
+            f"or one of {' / '.join(map(repr, GENSIM_SOURCES))}"
         ) from exc
     assert isinstance(ds, Dataset)
     return ds
@@ -275,6 +303,70 @@ def _lee_documents() -> list[str]:
     """One Lee news story per line."""
     text = Path(_gensim_file(_LEE_FILE)).read_text(encoding="utf-8")
     return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def _labelled(texts: list[str], labels: list[int], names: list[str], source: str) -> Dataset:
+    if not texts:
+        raise ValueError(f"{source!r} produced no documents; the gensim test data may be missing or corrupt")
+    features = datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=names)})
+    return Dataset.from_dict({"text": texts, "label": labels}, features=features)
+
+
+def _polarity_documents() -> Dataset:
+    """One review sentence per line, ``__label__neg`` / ``__label__pos`` first (fastText format)."""
+    texts, names = [], []
+    raw = Path(_gensim_file(_POLARITY_FILE)).read_text(encoding="cp1252")  # the rt-polarity files are Windows-1252
+    for number, line in enumerate(raw.splitlines(), 1):
+        if not line.strip():
+            continue
+        tag, _, text = line.strip().partition(" ")
+        if not tag.startswith("__label__") or not text.strip():
+            raise ValueError(f"{_POLARITY_FILE} line {number} is not '__label__NAME text'; reinstall gensim==4.4.0")
+        texts.append(text.strip())
+        names.append(tag.removeprefix("__label__"))
+    classes = sorted(set(names))
+    return _labelled(texts, [classes.index(n) for n in names], classes, GENSIM_POLARITY)
+
+
+class _NewsgroupsUnpickler(pickle.Unpickler):
+    """Admits exactly the classes of gensim's ``mini_newsgroup`` pickle; anything else is refused."""
+
+    def find_class(self, module: str, name: str):
+        import numpy
+
+        allowed = {
+            ("copy_reg", "_reconstructor"): copyreg._reconstructor,
+            ("sklearn.datasets.base", "Bunch"): dict,  # scikit-learn's dict with attribute access
+            ("__builtin__", "dict"): dict,
+            ("numpy.core.multiarray", "_reconstruct"): numpy._core.multiarray._reconstruct,
+            ("numpy", "ndarray"): numpy.ndarray,
+            ("numpy", "dtype"): numpy.dtype,
+        }
+        if (module, name) not in allowed:
+            raise pickle.UnpicklingError(f"{_NEWSGROUPS_FILE}: refusing to load {module}.{name}")
+        return allowed[module, name]
+
+
+def _newsgroups_documents() -> Dataset:
+    """Message bodies without headers, quotes and signatures; labels are the newsgroup names."""
+    with open(_gensim_file(_NEWSGROUPS_FILE), "rb") as fh:
+        raw = zlib.decompress(fh.read())
+    try:
+        bunch = _NewsgroupsUnpickler(io.BytesIO(raw), encoding="latin1").load()
+        posts, targets, names = bunch["data"], [int(t) for t in bunch["target"]], [str(n) for n in bunch["target_names"]]
+    except (pickle.UnpicklingError, KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"gensim test data {_NEWSGROUPS_FILE!r} is not the expected pickle ({exc}); reinstall gensim==4.4.0") from exc
+    texts = [_strip_news_post(post) for post in posts]
+    return _labelled(texts, targets, names, GENSIM_NEWSGROUPS)
+
+
+def _strip_news_post(post: str) -> str:
+    """Drop the header (up to the first blank line), quoted lines and the signature block."""
+    body = post.partition("\n\n")[2]
+    body = "\n".join(line for line in body.split("\n") if not _NEWS_QUOTE.search(line))
+    lines = body.strip().split("\n")
+    cut = next((i for i in range(len(lines) - 1, -1, -1) if lines[i].strip().strip("-") == ""), 0)
+    return "\n".join(lines[:cut]).strip() if cut > 0 else body.strip()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -381,7 +473,12 @@ def pack_causal_lm(ds: Dataset, tokenizer: PreTrainedTokenizerFast, seq_len: int
 
 
 def tokenize_classification(ds: Dataset, tokenizer: PreTrainedTokenizerFast, seq_len: int) -> Dataset:
-    """Tokenize labelled documents to fixed ``seq_len`` (truncate, pad) with ``labels``."""
+    """Tokenize labelled documents to fixed ``seq_len`` (truncate, pad) with ``labels``.
+
+    The tokenizer's own special tokens are added: a pretrained BERT's pooler and classification head
+    read ``[CLS]`` at position 0 (and saw ``[SEP]`` at the end) in pre-training; without them it
+    would classify from the first word piece. A tokenizer from :func:`train_tokenizer` adds none.
+    """
     if "label" not in ds.column_names:
         raise ValueError(
             f"classification needs a 'label' column (columns: {ds.column_names}); load with label_field=..."
@@ -393,7 +490,7 @@ def tokenize_classification(ds: Dataset, tokenizer: PreTrainedTokenizerFast, seq
 
     def encode(batch: dict[str, list]) -> dict[str, list]:
         enc = tokenizer(
-            batch["text"], padding="max_length", truncation=True, max_length=seq_len, add_special_tokens=False
+            batch["text"], padding="max_length", truncation=True, max_length=seq_len, add_special_tokens=True
         )
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": batch["label"]}
 

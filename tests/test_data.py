@@ -78,8 +78,44 @@ def test_gensim_lee_one_story_per_line(lee: Dataset) -> None:
 
 
 def test_unknown_gensim_corpus_errors() -> None:
-    with pytest.raises(ValueError, match="unknown gensim corpus 'gensim:nope'"):
+    with pytest.raises(ValueError, match="unknown gensim corpus 'gensim:nope'.*'gensim:polarity'.*'gensim:newsgroups'"):
         load_documents("gensim:nope")
+
+
+def test_unlabelled_gensim_corpus_rejects_label_field() -> None:
+    with pytest.raises(ValueError, match="'gensim:lee' has no labels.*'gensim:polarity'"):
+        load_documents("gensim:lee", label_field="label")
+
+
+def test_gensim_polarity_labelled_sentences() -> None:
+    ds = load_documents("gensim:polarity", label_field="label")
+    assert ds.column_names == ["text", "label"]
+    assert ds.features["label"].names == ["neg", "pos"]
+    assert len(ds) == 200 and sum(ds["label"]) == 100
+    assert ds[0] == {"text": "simplistic , silly and tedious .", "label": 0}
+    texts = ds["text"]
+    assert not any(t.startswith("__label__") for t in texts)
+    assert any("tequila bender \u2014 and" in t for t in texts)  # Windows-1252 em dash decoded
+    assert COMMON_WORDS <= _words(texts)
+
+
+def test_gensim_newsgroups_bodies_without_headers_quotes_signatures() -> None:
+    ds = load_documents("gensim:newsgroups", label_field="label")
+    assert ds.column_names == ["text", "label"]
+    assert ds.features["label"].names == ["alt.atheism", "sci.space"]
+    assert len(ds) == 200 and sum(ds["label"]) == 100
+    texts = ds["text"]
+    assert sum(len(t) for t in texts) > 100_000
+    # The header names the class outright: it must be gone, as must quoted lines.
+    assert not any(re.match(r"(From|Subject|Newsgroups|Path):", t) for t in texts)
+    assert not any(line.startswith((">", "|")) for t in texts for line in t.split("\n"))
+    assert COMMON_WORDS <= _words(texts)
+
+
+def test_labelled_gensim_corpus_as_plain_text_and_bad_label_field() -> None:
+    assert load_documents("gensim:newsgroups").column_names == ["text"]
+    with pytest.raises(ValueError, match="no field 'sentiment'"):
+        load_documents("gensim:polarity", label_field="sentiment")
 
 
 # ---------------------------------------------------------------- local files
@@ -253,6 +289,19 @@ def test_classification_jsonl_gives_label_tensor(tmp_path, tokenizer: PreTrained
     mask = batch["attention_mask"]
     assert mask[1].sum() < 16 and mask[2].sum() == 16  # short one padded, long one truncated
     assert (batch["input_ids"][1][mask[1] == 0] == tokenizer.pad_token_id).all()
+
+
+def test_classification_keeps_a_pretrained_tokenizers_cls_and_sep() -> None:
+    from transformers import BertTokenizer
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "cat", "sat", "on", "mat", "a", "dog"]
+    bert = BertTokenizer(vocab={w: i for i, w in enumerate(words)})
+    ds = Dataset.from_dict({"text": ["the cat sat on the mat", "a dog"], "label": [1, 0]})
+    enc = tokenize_classification(ds, bert, seq_len=5)
+    cls, sep, pad = bert.cls_token_id, bert.sep_token_id, bert.pad_token_id
+    # [CLS] first (BERT's pooler reads it), [SEP] kept when truncating, padding after [SEP]
+    assert list(enc["input_ids"]) == [[cls, 5, 6, 7, sep], [cls, 10, 11, sep, pad]]
+    assert list(enc["attention_mask"]) == [[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]]
 
 
 def test_integer_labels_pass_through(tmp_path, tokenizer: PreTrainedTokenizerFast) -> None:
