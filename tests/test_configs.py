@@ -101,7 +101,7 @@ def test_llama_1b_config_has_the_stated_shape() -> None:
     assert (init["hidden_size"], init["num_hidden_layers"], init["num_attention_heads"]) == (2048, 16, 32)
     assert (init["num_key_value_heads"], init["intermediate_size"], init["vocab_size"]) == (8, 5632, 32000)
     assert (cfg.model.attn_implementation, cfg.prune.hvp, cfg.train.mixed_precision) == ("sdpa", "finite_difference", "bf16")
-    assert cfg.prune.prune_at == 0  # DeepSpeed: pruning before training only
+    assert cfg.prune.prune_at == 0
     with torch.device("meta"):
         model = build_model(cfg.model, cfg.data.vocab_size, 1, cfg.seed)
     assert 0.8e9 < sum(p.numel() for p in model.parameters()) < 0.9e9
