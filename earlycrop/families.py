@@ -181,6 +181,8 @@ class LlamaLikeAdapter(FamilyAdapter):
 
     def describe_layout(self, config, heads, kv_heads, neurons):
         uniform = len(set(heads)) == 1 and len(set(kv_heads)) == 1 and len(set(neurons)) == 1
+        # transformers refuses to save a config whose head count does not divide hidden_size
+        uniform = uniform and config.hidden_size % heads[0] == 0
         # head_dim is explicit in these configs; writing it makes the head cut describable
         config.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         if uniform:

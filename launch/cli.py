@@ -7,6 +7,7 @@ calibration batches are then sharded over the ranks and the scores all-reduced e
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -46,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     prune = sub.add_parser("prune", help="prune a local Hugging Face model folder and save the result", epilog=EPILOG_PRUNE,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
     prune.add_argument("--model", required=True, help="local model folder (config.json, *.safetensors, tokenizer)")
-    prune.add_argument("--data", required=True, help="calibration text: .txt / .jsonl / .parquet file or folder, or gensim:wiki / gensim:lee")
+    prune.add_argument("--data", required=True, help="calibration text: .txt / .jsonl / .parquet file or folder, or gensim:wiki / lee / newsgroups / polarity")
     prune.add_argument("--criterion", default="earlycrop", help="earlycrop, grasp, snip, fisher, magnitude, activation or random")
     prune.add_argument("--heads", type=_ratio, default=0.0, help="fraction of attention heads REMOVED")
     prune.add_argument("--mlp", type=_ratio, default=0.0, help="fraction of MLP neurons REMOVED")
@@ -100,13 +101,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def _print_run_summary(cfg, summary: dict) -> None:
     out = Path(cfg.output_dir)
+    quality = f"accuracy {summary['val_accuracy']:.3f}" if "val_accuracy" in summary else f"perplexity {summary['val_perplexity']:.2f}"
     print(f"params {summary['params_dense']:,} → {summary['params_final']:,}; "
-          f"val loss {summary['val_loss']:.4f} (perplexity {summary['val_perplexity']:.2f}) after {summary['steps']} steps")
+          f"val loss {summary['val_loss']:.4f} ({quality}) after {summary['steps']} steps")
     info = out / "run_info.json"
-    if info.is_file():
-        import json
-
-        meta = json.loads(info.read_text())
+    meta = json.loads(info.read_text()) if info.is_file() else {}
+    if meta.get("run_id"):
         print(f"MLflow run {meta['run_id']} at {meta['tracking_uri']}")
         print(f"view it: mlflow ui --host 127.0.0.1 --backend-store-uri {meta['tracking_uri']}")
 

@@ -38,7 +38,7 @@ class ModelConfig(_Strict):
 
 
 class DataConfig(_Strict):
-    """Where text comes from and how it becomes blocks; `source` is a file, folder, `gensim:wiki|lee` or a hub name."""
+    """Where text comes from and how it becomes blocks; `source` is a file, folder, `gensim:wiki|lee|newsgroups|polarity` or a hub name."""
 
     source: str
     text_field: str = "text"

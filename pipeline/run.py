@@ -15,7 +15,9 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
+import datasets
 import torch
+import transformers
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, InitProcessGroupKwargs
 from safetensors.torch import load_file, save_file
@@ -77,6 +79,22 @@ def zero_stage(accelerator: Accelerator) -> int | None:
     if accelerator.distributed_type != DistributedType.DEEPSPEED:
         return None
     return int(accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {}).get("stage", 0))
+
+
+@contextmanager
+def whole_parameters(accelerator: Accelerator):
+    """Under ZeRO-3 transformers partitions parameters while building the model; scoring and
+    surgery need them whole, so the model is built whole and partitioned later by `prepare`."""
+    if zero_stage(accelerator) != 3:
+        yield
+        return
+    from transformers.integrations import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        accelerator.state.deepspeed_plugin.set_deepspeed_weakref()
 
 
 def git_revision() -> str:
@@ -154,6 +172,15 @@ def check_tokenizer(model, tokenizer) -> None:
         )
 
 
+def check_labels(model, prepared: Prepared) -> None:
+    """Class ids beyond the classifier's outputs fail here, not as an index error mid-training."""
+    if prepared.train_blocks["labels"].dim() != 1:
+        return
+    top = max(int(b["labels"].max()) for b in (prepared.train_blocks, prepared.val_blocks))
+    if top >= model.config.num_labels:
+        raise ValueError(f"the data has labels up to {top} but model.num_labels={model.config.num_labels}: set model.num_labels={top + 1}")
+
+
 def selection_config(cfg: RunConfig) -> earlycrop.SelectionConfig:
     p = cfg.prune
     return earlycrop.SelectionConfig(p.heads, p.mlp, p.layout, p.round_to, p.gqa, p.target_params)
@@ -191,6 +218,9 @@ def run(cfg: RunConfig, resume: bool = False) -> dict:
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     accelerator = make_accelerator(cfg)
+    if not accelerator.is_main_process:
+        datasets.disable_progress_bars()
+        transformers.logging.set_verbosity_error()
     timer = StageTimer()
     stage = zero_stage(accelerator)
     if stage == 3 and cfg.prune.prune_at not in (0, "never"):
@@ -207,8 +237,10 @@ def run(cfg: RunConfig, resume: bool = False) -> dict:
 
     with timer("data"):
         prepared = prepare_data(cfg, accelerator)
-    model = build_model(cfg.model, len(prepared.tokenizer), prepared.tokenizer.pad_token_id, cfg.seed)
+    with whole_parameters(accelerator):
+        model = build_model(cfg.model, len(prepared.tokenizer), prepared.tokenizer.pad_token_id, cfg.seed)
     check_tokenizer(model, prepared.tokenizer)
+    check_labels(model, prepared)
     if cfg.prune.prune_at != "never":
         check_selection(model, selection_config(cfg))
 
@@ -289,6 +321,7 @@ def _run_stages(cfg, accelerator, model, prepared, tracker, timer, state, checkp
         plan = earlycrop.Plan.load(out / PLAN_FILE)
         earlycrop.prune(model, plan)
     elif p.prune_at == 0:
+        model.to(accelerator.device)  # score on the GPU when there is one
         with timer("score"):
             scores, plan = score_and_plan(cfg, accelerator, model, prepared.calibration, out, reuse=checkpoint is None and resume)
         with timer("prune"):

@@ -81,17 +81,35 @@ def test_two_rank_accelerate_run_tracks_everything(tmp_path, reference):
     assert plain.config.num_attention_heads == 2 and plain.config.intermediate_size == 32
 
 
-@pytest.mark.slow
-def test_deepspeed_zero2_two_ranks_trains(tmp_path):
-    out = tmp_path / "ds"
+@pytest.fixture(scope="module")
+def zero2_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("zero2")
     launching.accelerate("launch/accelerate/cpu_2proc_zero2.yaml", "-m", "launch.cli", "run", CONFIG,
-                         f"output_dir={out}", "train.max_steps=16", "train.log_every=2", "tracking=false")
-    states = sorted((out / "checkpoints").glob("step_*/trainer_state.json"))
+                         f"output_dir={out}", "train.log_every=1", "tracking=false")
+    return out
+
+
+@pytest.mark.slow
+def test_deepspeed_zero2_two_ranks_trains(zero2_run):
+    states = sorted((zero2_run / "checkpoints").glob("step_*/trainer_state.json"))
     history = [h["train_loss"] for h in json.loads(states[-1].read_text())["history"] if "train_loss" in h]
-    assert history[-1] < history[0]
-    result = summary(out)
+    assert len(history) == 12 and history[-1] < history[0]
+    result = summary(zero2_run)
     assert result["finished"] and result["params_final"] < result["params_dense"]
+    assert earlycrop.from_pretrained(zero2_run / "model").config.num_attention_heads == 2
+
+
+@pytest.mark.slow
+def test_deepspeed_zero3_prunes_before_partitioning(tmp_path, zero2_run):
+    """ZeRO-3 builds the model whole, scores and prunes it, then partitions it: same run as ZeRO-2."""
+    out = tmp_path / "zero3"
+    launching.accelerate("launch/accelerate/cpu_2proc_zero3.yaml", "-m", "launch.cli", "run", CONFIG,
+                         f"output_dir={out}", "train.log_every=1", "tracking=false")
+    assert summary(out)["val_loss"] == pytest.approx(summary(zero2_run)["val_loss"], rel=1e-4)
     assert earlycrop.from_pretrained(out / "model").config.num_attention_heads == 2
+    refused = launching.accelerate("launch/accelerate/cpu_2proc_zero3.yaml", "-m", "launch.cli", "run", CONFIG,
+                                   f"output_dir={tmp_path / 'refused'}", "prune.prune_at=4", "tracking=false", check=False)
+    assert refused.returncode != 0 and "ZeRO-3 is not supported" in refused.stderr
 
 
 @pytest.mark.slow
