@@ -1,0 +1,242 @@
+"""`earlycrop plan`: how much to prune so that training fits a budget, and what that buys. Shape only: no data, no
+scoring, no weights read (the model is built on the meta device).
+
+    earlycrop plan --config configs/llama_1b_8gpu_zero2.yaml --budget "24GB x 1" --micro-batch 1 --checkpointing
+    earlycrop plan --model runs/quickstart/model --budget "params<=50M"
+
+Wire-up (launch/cli.py): `add_plan_parser(sub)` adds the sub-command to `build_parser()`'s sub-parsers;
+`main` dispatches `args.command == "plan"` to `run_plan(args)`, which returns the exit code (0 fine, 2 error, with
+one line `earlycrop plan: error: ...` on stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import replace
+
+EPILOG = """budgets:
+  "24GB x 1", "80GiB × 8", "8 x 80GiB"   GPU memory per GPU × GPU count (GB = 10^9 bytes, GiB = 2^30)
+  "params<=50M"                         parameter count (K, M, B/G, T)
+  "flops<=2.5G"                         training FLOPs per token at --seq-len
+
+Defaults come from --config (train.micro_batch_size, data.seq_len, train.mixed_precision, prune.layout /
+gqa / round_to) or, with --model, micro batch 1 and seq len min(2048, the model's positions). One ratio is searched
+for heads and MLP alike; --heads R (or --mlp R) fixes that ratio and searches the other one.
+--layout global without scores assumes every layer equally important: the run's real scores will spread the
+removal differently (the pipeline re-checks the budget with them)."""
+
+PRECISIONS = ("fp32", "bf16", "bf16_mixed", "fp16_mixed")
+
+
+def _ratio(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"{text} is not a fraction in [0, 1)")
+    return value
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} must be at least 1")
+    return value
+
+
+def add_plan_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add `plan` to an argparse sub-parser collection (`parser.add_subparsers(dest="command")`)."""
+    p = subparsers.add_parser(
+        "plan",
+        help="how much to prune so that training fits a GPU / parameter / FLOP budget (shape only, no data)",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="local model folder (config.json; weights are not read)")
+    src.add_argument("--config", help="YAML run config (see configs/): the model it builds and its training setup")
+    p.add_argument("--budget", required=True, help='e.g. "24GB x 1", "80GiB × 8", "params<=50M", "flops<=2.5G"')
+    p.add_argument("--precision", choices=PRECISIONS, default=None,
+                   help="default: from the config's train.mixed_precision (bf16 → bf16_mixed), else bf16_mixed")
+    p.add_argument("--optimizer", choices=("adamw", "sgd", "adafactor"), default="adamw")
+    p.add_argument("--micro-batch", type=_positive, default=None, help="sequences per GPU per step")
+    p.add_argument("--seq-len", type=_positive, default=None, help="tokens per sequence")
+    p.add_argument("--zero-stage", type=int, choices=(0, 1, 2, 3), default=0, help="DeepSpeed ZeRO stage (0: DDP)")
+    p.add_argument("--checkpointing", action="store_true", help="activation checkpointing of every layer")
+    p.add_argument("--layout", choices=("uniform", "global"), default=None, help="default: the config's, else uniform")
+    p.add_argument("--gqa", choices=("per_group", "group"), default=None, help="default: the config's, else per_group")
+    p.add_argument("--round-to", type=_positive, default=None, help="kept neuron counts in multiples of N")
+    fixed = p.add_mutually_exclusive_group()
+    fixed.add_argument("--heads", type=_ratio, default=None, help="fix the fraction of heads removed; search the MLP")
+    fixed.add_argument("--mlp", type=_ratio, default=None, help="fix the fraction of MLP neurons removed; search the heads")
+    p.add_argument("--headroom", type=float, default=0.0,
+                   help="fraction of every GPU kept free for what the memory model leaves out (CUDA context, "
+                        "fragmentation, communication buffers); default 0")
+    p.add_argument("--gpu-memory", default=None,
+                   help="GPU size for the fewest-GPUs rows with a params / flops budget (e.g. 80GiB)")
+    p.add_argument("--allow-unsaveable", action="store_true",
+                   help="also accept plans whose pruned config transformers refuses (e.g. heads not dividing hidden)")
+    p.set_defaults(command="plan")
+    return p
+
+
+def _load(args: argparse.Namespace):
+    """(model on the meta device, defaults from the config)."""
+    import torch
+
+    from earlycrop.budget import model_skeleton
+
+    defaults: dict = {}
+    if args.config:
+        from pipeline.config import load_config
+        from pipeline.modeling import build_model
+
+        cfg = load_config(args.config)
+        if cfg.model.name_or_path is not None:
+            model = model_skeleton(cfg.model.name_or_path, task=cfg.model.task, num_labels=cfg.model.num_labels)
+        else:
+            with torch.device("meta"):
+                model = build_model(cfg.model, cfg.data.vocab_size, None, cfg.seed)
+        mixed = cfg.train.mixed_precision
+        precision = {"bf16": "bf16_mixed", "fp16": "fp16_mixed"}.get(mixed)
+        if precision is None:
+            precision = "bf16" if cfg.model.dtype == "bfloat16" else "fp32"
+        p = cfg.prune
+        defaults = dict(precision=precision, micro_batch=cfg.train.micro_batch_size, seq_len=cfg.data.seq_len,
+                        layout=p.layout, gqa=p.gqa, round_to=p.round_to)
+    else:
+        model = model_skeleton(args.model)
+    return model, defaults
+
+
+def _max_positions(model) -> int | None:
+    config = model.config
+    for key in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    """Print the budget search's ratios and the dense-vs-pruned report; 0 on success, 2 (one line on stderr) on any
+    error, including a budget that cannot be met."""
+    try:
+        return _run(args)
+    except BrokenPipeError:
+        raise
+    except (ValueError, FileNotFoundError, OSError) as exc:
+        text = str(exc).strip()
+        first = text.splitlines()[0] if text else type(exc).__name__
+        print(f"earlycrop plan: error: {first}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    from earlycrop.budget import Budget, budget_report, fit_to_budget
+    from earlycrop.memory import TrainingSetup, format_bytes
+    from earlycrop.select import SelectionConfig
+
+    budget = Budget.parse(args.budget)  # before building anything: a typo fails fast
+    if not 0.0 <= args.headroom < 1.0:
+        raise ValueError(f"--headroom {args.headroom}: the fraction kept free must be in [0, 1)")
+    model, d = _load(args)
+    seq_len = args.seq_len or d.get("seq_len")
+    if seq_len is None:
+        positions = _max_positions(model)
+        seq_len = min(2048, positions) if positions else 2048
+    setup = TrainingSetup(
+        precision=args.precision or d.get("precision", "bf16_mixed"),
+        optimizer=args.optimizer,
+        micro_batch=args.micro_batch or d.get("micro_batch", 1),
+        seq_len=seq_len,
+        activation_checkpointing=args.checkpointing,
+        zero_stage=args.zero_stage,
+        num_gpus=budget.num_gpus,
+    )
+    search = "mlp" if args.heads is not None else "heads" if args.mlp is not None else "both"
+    base = SelectionConfig(
+        heads=args.heads or 0.0,
+        mlp=args.mlp or 0.0,
+        layout=args.layout or d.get("layout", "uniform"),
+        round_to=args.round_to or d.get("round_to", 1),
+        gqa=args.gqa or d.get("gqa", "per_group"),
+    )
+    result = fit_to_budget(model, None, base, setup, budget, search=search, headroom=args.headroom,
+                           require_saveable=not args.allow_unsaveable)
+    gpu = budget.gpu_bytes if budget.kind == "memory" else args.gpu_memory
+    report = budget_report(model, result.plan if result.ratio > 0 or search != "both" else None, result.setup, gpu,
+                           headroom=args.headroom)
+    source = args.config or args.model
+    print(f"earlycrop plan: {source}, budget {budget}"
+          + (f" ({format_bytes(budget.limit)} per GPU on {budget.num_gpus} GPU(s), ZeRO-{setup.zero_stage})"
+             if budget.kind == "memory" else ""))
+    if result.ratio == 0 and search == "both":
+        print(result.summary())
+    else:
+        c, plan = result.plan.counts(), result.plan
+        print(f"fits with {result.summary()}")
+        print(f"  per layer: {_per_layer(c, plan, base.layout)}")
+        print(f"  use: prune.heads={result.heads:g} prune.mlp={result.mlp:g} prune.layout={base.layout} "
+              f"prune.round_to={base.round_to} prune.gqa={base.gqa}")
+        print(f"   or: earlycrop prune --heads {result.heads:g} --mlp {result.mlp:g} --layout {base.layout} "
+              f"--round-to {base.round_to} --gqa {base.gqa} ...")
+        if result.below is not None:
+            print(f"  the next less pruned plan ({_per_layer(result.below['counts'], plan, base.layout)}) "
+                  f"would need {_measure(budget.kind, result.below['value'])}")
+        errors: dict[str, int] = {}
+        for item in result.skipped_unsaveable:
+            errors[item["error"]] = errors.get(item["error"], 0) + 1
+        for error, n in errors.items():
+            print(f"  skipped {n} plan(s) that fit but whose config transformers refuses: {error}")
+        if search == "both":
+            for other in _alternatives(model, base, setup, budget, args, result):
+                print(f"  also fits: {other.summary()}")
+    print()
+    print(report.format())
+    return 0
+
+
+def _per_layer(counts: dict, plan, layout: str) -> str:
+    text = (f"{counts['heads'][0]} of {plan.dense_heads[0]} heads, {counts['kv_heads'][0]} of {plan.dense_kv_heads[0]} "
+            f"key/value heads, {counts['neurons'][0]} of {plan.dense_neurons[0]} MLP neurons")
+    return text + (" in layer 0 (global layout: layers differ)" if layout == "global" else "")
+
+
+def _alternatives(model, base, setup, budget, args, result) -> list:
+    """With one ratio for both kinds the coarse GQA / rounding steps of one kind can force the other to prune more
+    than needed: also search each kind with the other fixed at the found ratio, and show what differs."""
+    from earlycrop.budget import fit_to_budget
+
+    out = []
+    for search, fixed in (("mlp", {"heads": result.heads}), ("heads", {"mlp": result.mlp})):
+        try:
+            other = fit_to_budget(model, None, replace(base, **fixed), setup, budget, search=search,
+                                  headroom=args.headroom, require_saveable=not args.allow_unsaveable)
+        except ValueError:
+            continue
+        if other.plan.counts() != result.plan.counts():
+            out.append(other)
+    return out
+
+
+def _measure(kind: str, value: float) -> str:
+    from earlycrop.budget import _format_measure
+
+    return _format_measure(kind, value)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Stand-alone entry (`python -m launch.plan_cmd ...`), until launch/cli.py dispatches `plan`."""
+    parser = argparse.ArgumentParser(prog="earlycrop")
+    add_plan_parser(parser.add_subparsers(dest="command", required=True))
+    return run_plan(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
