@@ -1,4 +1,4 @@
-"""`earlycrop` command line: `run` a configured job, `prune` a model you have.
+"""`earlycrop` command line: `run` a configured job, `prune` a model you have, `plan` for a GPU budget.
 
 Both work in one process, under `torchrun --nproc_per_node N` and under `accelerate launch`;
 calibration batches are then sharded over the ranks and the scores all-reduced exactly.
@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="precision of scoring (float64 makes N-rank and 1-rank scores agree to round-off)")
     prune.add_argument("--seed", type=int, default=0)
     prune.add_argument("--out", required=True, help="output folder for the pruned model, plan.json and scores.safetensors")
+    from .plan_cmd import add_plan_parser
+
+    add_plan_parser(sub)
     return parser
 
 
@@ -75,6 +78,10 @@ def print_commands(config: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "plan":
+        from .plan_cmd import run_plan
+
+        return run_plan(args)
     try:
         if args.command == "run":
             from pipeline.config import load_config

@@ -5,6 +5,7 @@ Validated before any heavy work; unknown keys and wrong types are errors that na
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -34,7 +35,32 @@ class ModelConfig(_Strict):
     def _one_source(self) -> ModelConfig:
         if (self.name_or_path is None) == (self.family is None):
             raise ValueError("set exactly one of model.name_or_path (a model folder) or model.family (from scratch)")
+        if self.family is not None:
+            _check_init(self.family, self.init)
         return self
+
+
+def _check_init(family: str, init: dict[str, Any]) -> None:
+    """transformers configs swallow unknown kwargs and check shapes only when the model is built: check both now."""
+    from transformers import AutoConfig
+
+    defaults = AutoConfig.for_model(family)
+    try:
+        built = AutoConfig.for_model(family, **init)
+    except Exception as exc:  # transformers' strict-dataclass validation errors are not ValueErrors
+        raise ValueError(f"model.init is not a valid {type(defaults).__name__}: {' '.join(str(exc).split())}") from None
+    # a kwarg the config stores but does not define is a typo; one it consumes (rope_theta) is known
+    unknown = [k for k in init if not hasattr(defaults, k) and hasattr(built, k)]
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], list(defaults.to_dict()) + list(defaults.attribute_map), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"model.init.{unknown[0]} is not a {type(defaults).__name__} field{hint}")
+    heads, kv = getattr(built, "num_attention_heads", None), getattr(built, "num_key_value_heads", None)
+    if heads and kv and heads % kv:
+        raise ValueError(
+            f"model.init: num_attention_heads={heads} is not a multiple of num_key_value_heads={kv}; "
+            "use a divisor of num_attention_heads"
+        )
 
 
 class DataConfig(_Strict):
@@ -102,6 +128,27 @@ class TrainConfig(_Strict):
     keep_checkpoints: int = Field(2, ge=1)
 
 
+class TargetConfig(_Strict):
+    """Prune to a hardware budget instead of fixed ratios: `24GB x 1`, `80GiB x 8`, `params<=50M`, `flops<=2G`.
+
+    The smallest fraction removed whose plan trains within the budget is chosen (earlycrop.budget);
+    `search: heads|mlp` keeps the other kind at its configured ratio.
+    """
+
+    budget: str
+    search: Literal["both", "heads", "mlp"] = "both"
+    headroom: float = Field(0.05, ge=0.0, lt=1.0)
+    activation_checkpointing: bool = False
+
+    @field_validator("budget")
+    @classmethod
+    def _parses(cls, value: str) -> str:
+        from earlycrop.budget import Budget
+
+        Budget.parse(value)
+        return value
+
+
 class RunConfig(_Strict):
     """A whole experiment: model, data, pruning, training and tracking."""
 
@@ -116,24 +163,55 @@ class RunConfig(_Strict):
     data: DataConfig
     prune: PruneConfig = Field(default_factory=PruneConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    target: TargetConfig | None = None
+
+    @field_validator("output_dir")
+    @classmethod
+    def _not_a_file(cls, value: str) -> str:
+        if Path(value).exists() and not Path(value).is_dir():
+            raise ValueError(f"output_dir={value} is an existing file; point output_dir at a folder")
+        return value
 
     @model_validator(mode="after")
     def _consistent(self) -> RunConfig:
         if self.model.task == "sequence_classification" and self.data.label_field is None:
             raise ValueError("model.task is sequence_classification: set data.label_field")
+        if self.target is not None and self.prune.target_params is not None:
+            raise ValueError("set target.budget or prune.target_params, not both (a params<=N budget does the same)")
         if isinstance(self.prune.prune_at, int) and self.prune.prune_at >= self.train.max_steps:
             raise ValueError(
-                f"prune.prune_at={self.prune.prune_at} is not before train.max_steps={self.train.max_steps}"
+                f"prune.prune_at={self.prune.prune_at} is not before train.max_steps={self.train.max_steps}: "
+                "lower prune.prune_at (0 prunes before training) or raise train.max_steps"
             )
         return self
+
+
+def _section_keys(loc: tuple) -> list[str]:
+    """The valid keys of the section that holds `loc` (for did-you-mean hints)."""
+    section: type[BaseModel] = RunConfig
+    for part in loc[:-1]:
+        info = section.model_fields.get(str(part))
+        annotation = info.annotation if info else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        section = annotation
+    return list(section.model_fields)
 
 
 def _format_error(err: ValidationError, origin: str) -> str:
     lines = []
     for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
-        lines.append(f"{key}: {msg}")
+        key = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            valid = _section_keys(e["loc"])
+            close = difflib.get_close_matches(str(e["loc"][-1]), valid, n=1)
+            msg = f"unknown key; did you mean {close[0]!r}?" if close else f"unknown key; valid keys: {', '.join(valid)}"
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            if e["type"] != "value_error" and not isinstance(e.get("input"), (dict, list, type(None))):
+                msg += f" (got {e['input']!r})"
+        # our own validators name the full key already
+        lines.append(f"{key}: {msg}" if key and key not in msg else msg)
     return f"invalid config {origin}: " + "; ".join(lines)
 
 
@@ -162,7 +240,10 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise ValueError(f"config {path} is not valid YAML: {exc}") from None
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ValueError(f"config {path} is not valid YAML{where}: {problem}; fix the syntax there") from None
     if not isinstance(data, dict):
         raise ValueError(f"config {path} must be a mapping of keys to values")
     data = apply_overrides(data, list(overrides))

@@ -23,7 +23,9 @@ from accelerate.utils import DistributedType, InitProcessGroupKwargs
 from safetensors.torch import load_file, save_file
 
 import earlycrop
+from earlycrop.budget import Budget, BudgetReport, BudgetResult, budget_report, fit_to_budget
 from earlycrop.criteria import Scores
+from earlycrop.memory import TrainingSetup
 from earlycrop.schedule import WeightDistanceRule
 
 from . import data as data_lib
@@ -186,6 +188,36 @@ def selection_config(cfg: RunConfig) -> earlycrop.SelectionConfig:
     return earlycrop.SelectionConfig(p.heads, p.mlp, p.layout, p.round_to, p.gqa, p.target_params)
 
 
+def training_setup(cfg: RunConfig, accelerator: Accelerator) -> TrainingSetup:
+    """How this job trains, as far as the memory model is concerned."""
+    precision = {"no": "fp32", "bf16": "bf16_mixed", "fp16": "fp16_mixed"}[cfg.train.mixed_precision]
+    return TrainingSetup(
+        precision=precision, micro_batch=cfg.train.micro_batch_size, seq_len=cfg.data.seq_len,
+        activation_checkpointing=cfg.target.activation_checkpointing if cfg.target else False,
+        zero_stage=zero_stage(accelerator) or 0, num_gpus=accelerator.num_processes,
+        device="cuda" if torch.cuda.is_available() else "cpu",
+    )
+
+
+def fit_target(cfg: RunConfig, accelerator: Accelerator, model, scores: Scores | None) -> BudgetResult:
+    """The least pruned plan that trains within `target.budget` (placeholder scores: a shape-only dry run)."""
+    p = cfg.prune
+    base = earlycrop.SelectionConfig(p.heads if cfg.target.search == "mlp" else 0.0,
+                                     p.mlp if cfg.target.search == "heads" else 0.0, p.layout, p.round_to, p.gqa)
+    return fit_to_budget(model, scores, base, training_setup(cfg, accelerator), cfg.target.budget,
+                         search=cfg.target.search, headroom=cfg.target.headroom)
+
+
+def target_report(cfg: RunConfig, accelerator: Accelerator, dense_model, plan: earlycrop.Plan) -> BudgetReport | None:
+    """Dense vs pruned parameters, FLOPs, memory per GPU and fewest GPUs per ZeRO stage (printed and logged)."""
+    if cfg.target is None:
+        return None
+    budget = Budget.parse(cfg.target.budget)
+    report = budget_report(dense_model, plan, training_setup(cfg, accelerator), budget.gpu_bytes, headroom=cfg.target.headroom)
+    accelerator.print(report.format())
+    return report
+
+
 def check_selection(model, selection: earlycrop.SelectionConfig) -> None:
     """Run selection on placeholder scores so impossible ratios fail before any scoring work."""
     layers = earlycrop.get_adapter(model).layers(model)
@@ -206,7 +238,13 @@ def score_and_plan(cfg: RunConfig, accelerator: Accelerator, model, calibration,
             tmp = scores_path.with_suffix(".tmp")
             save_file(scores.to_tensors(), tmp)
             os.replace(tmp, scores_path)
-    plan = earlycrop.make_plan(model, scores, selection_config(cfg), meta={"criterion": cfg.prune.criterion})
+    if cfg.target is None:
+        plan = earlycrop.make_plan(model, scores, selection_config(cfg), meta={"criterion": cfg.prune.criterion})
+    else:
+        fitted = fit_target(cfg, accelerator, model, scores)
+        plan = fitted.plan
+        plan.meta.update(criterion=cfg.prune.criterion, target=cfg.target.budget)
+        accelerator.print(fitted.summary())
     check_same_on_all_ranks(plan.to_json(), "pruning plan")
     if accelerator.is_main_process:
         plan.save(out / PLAN_FILE)
@@ -241,8 +279,10 @@ def run(cfg: RunConfig, resume: bool = False) -> dict:
         model = build_model(cfg.model, len(prepared.tokenizer), prepared.tokenizer.pad_token_id, cfg.seed)
     check_tokenizer(model, prepared.tokenizer)
     check_labels(model, prepared)
-    if cfg.prune.prune_at != "never":
+    if cfg.prune.prune_at != "never" and cfg.target is None:
         check_selection(model, selection_config(cfg))
+    elif cfg.prune.prune_at != "never":
+        fit_target(cfg, accelerator, model, None)  # refuses an impossible budget before any scoring
 
     tracker = create_tracker(
         is_main_process=accelerator.is_main_process, output_dir=out, tracking_uri=cfg.tracking_uri,
@@ -269,8 +309,12 @@ def run(cfg: RunConfig, resume: bool = False) -> dict:
     return result
 
 
-def _log_plan(tracker, scores: Scores, plan: earlycrop.Plan, result: earlycrop.PruneResult, out: Path, step: int) -> None:
+def _log_plan(tracker, scores: Scores, plan: earlycrop.Plan, result: earlycrop.PruneResult, out: Path, step: int,
+              report: BudgetReport | None = None) -> None:
     counts = plan.counts()
+    if report is not None:
+        tracker.log_metrics({f"budget.{k}": float(v) for k, v in report.to_dict().items()}, step=step)
+        tracker.log_dict({"report": report.format()}, "budget_report.json")
     tracker.log_metrics({"params_pruned": float(result.params_after), "prune_step": float(step)}, step=step)
     tracker.log_dict(plan.to_dict(), "plan.json")
     tracker.log_artifact(out / SCORES_FILE, "scores")
@@ -324,10 +368,11 @@ def _run_stages(cfg, accelerator, model, prepared, tracker, timer, state, checkp
         model.to(accelerator.device)  # score on the GPU when there is one
         with timer("score"):
             scores, plan = score_and_plan(cfg, accelerator, model, prepared.calibration, out, reuse=checkpoint is None and resume)
+        report = target_report(cfg, accelerator, model, plan)
         with timer("prune"):
             result = earlycrop.prune(model, plan)
         state.pruned_at = 0
-        _log_plan(tracker, scores, plan, result, out, 0)
+        _log_plan(tracker, scores, plan, result, out, 0, report)
         accelerator.print(f"pruned before training: {dense_params:,} → {result.params_after:,} parameters")
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
@@ -358,6 +403,7 @@ def _run_stages(cfg, accelerator, model, prepared, tracker, timer, state, checkp
             raw_optimizer = optimizer.optimizer
         else:
             raw_optimizer = _adam_from_deepspeed(cfg, unwrapped, step)
+        report = target_report(cfg, accelerator, unwrapped, new_plan)
         accelerator.free_memory()
         with timer("prune"):
             result = earlycrop.prune(unwrapped, new_plan, raw_optimizer)
@@ -367,7 +413,7 @@ def _run_stages(cfg, accelerator, model, prepared, tracker, timer, state, checkp
             sliced = {p: raw_optimizer.state.pop(p) for p in list(raw_optimizer.state)}
             model, optimizer = accelerator.prepare(unwrapped, raw_optimizer)
             _adam_into_deepspeed(model, unwrapped, sliced)
-        _log_plan(tracker, scores, new_plan, result, out, step)
+        _log_plan(tracker, scores, new_plan, result, out, step, report)
         if rule is not None:
             tracker.log_dict({"trace": rule.trace, "threshold": rule.threshold, "pruned_at": step}, "auto_schedule.json")
         accelerator.print(f"pruned at step {step}: {dense_params:,} → {result.params_after:,} parameters")

@@ -213,3 +213,29 @@ def earlycrop_checkpoint(out: Path):
     from pipeline.train import latest_checkpoint
 
     return latest_checkpoint(out)
+
+
+@pytest.mark.slow
+def test_auto_prunes_when_weights_settle_and_logs_the_trace(tmp_path):
+    out = tmp_path / "auto"
+    launching.cli("run", CONFIG, f"output_dir={out}", "prune.prune_at=auto", "prune.auto_interval=2",
+                  "prune.auto_cap=10", "train.max_steps=14")
+    result = summary(out)
+    assert 6 <= result["pruned_at"] <= 10 and result["params_final"] < result["params_dense"]
+    client, run = mlflow_run(out)
+    trace = client.get_metric_history(run.info.run_id, "auto_weight_distance")
+    assert [m.step for m in trace][:2] == [2, 4] and trace[1].value > 0
+    assert "auto_schedule.json" in artifact_paths(client, run.info.run_id)
+
+
+def test_target_budget_picks_the_plan_and_logs_the_report(tmp_path):
+    out = tmp_path / "target"
+    launching.cli("run", CONFIG, f"output_dir={out}", "target.budget=params<=20K", "train.max_steps=2")
+    result = summary(out)
+    assert result["params_final"] <= 20_000 < result["params_dense"]
+    client, run = mlflow_run(out)
+    assert run.data.metrics["budget.pruned.params"] == result["params_final"]
+    assert "budget_report.json" in artifact_paths(client, run.info.run_id)
+    refused = launching.cli("run", CONFIG, f"output_dir={tmp_path / 'refused'}", "target.budget=params<=100", check=False)
+    assert refused.returncode != 0 and "params<=100" in refused.stderr
+    assert not (tmp_path / "refused/scores.safetensors").exists()
