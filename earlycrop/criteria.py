@@ -72,8 +72,9 @@ class Scores:
             for layer, r in enumerate(rows):
                 if not torch.isfinite(r).all():
                     raise FloatingPointError(
-                        f"criterion {criterion!r} produced NaN/Inf {kind} scores in layer {layer}: "
-                        "check the loss on the calibration batches and the learning rate"
+                        f"scoring: criterion {criterion!r} produced NaN/Inf {kind} scores in layer {layer} "
+                        f"({int((~torch.isfinite(r)).sum())} of {r.numel()} units): check that layer's weights, "
+                        "the loss on the calibration batches and the learning rate"
                     )
 
 
@@ -345,9 +346,19 @@ def score_units(
     adapter = get_adapter(model)
     was_training = model.training
     model.eval()
+
+    def finite_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
+        loss = loss_fn(model, batch)
+        if not torch.isfinite(loss).all():
+            raise FloatingPointError(
+                f"scoring with {criterion.name!r}: the loss on a calibration batch is {loss.detach().sum().item()}; "
+                "the model's weights or the calibration data hold NaN/Inf (check the model folder, or train.lr before prune_at)"
+            )
+        return loss
+
     try:
         with gated(model, adapter) as gates:
-            ctx = ScoringContext(model, adapter, gates, batches, loss_fn, reduce or _identity, progress)
+            ctx = ScoringContext(model, adapter, gates, batches, finite_loss, reduce or _identity, progress)
             scores = criterion.score(ctx)
     finally:
         model.train(was_training)

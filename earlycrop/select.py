@@ -141,6 +141,8 @@ def _units(layer: LayerUnits, gqa: str) -> int:
 
 
 def _uniform_keep(total: int, ratio: float, multiple: int, key: str, layer: int) -> int:
+    if ratio == 0:
+        return total
     keep = multiple * round(total * (1.0 - ratio) / multiple)
     if keep <= 0:
         raise ValueError(
@@ -178,11 +180,43 @@ def _global_counts(scores: list[torch.Tensor], ratio: float, multiples: list[int
     return counts
 
 
+def _tied_units(pools: list[tuple[torch.Tensor, list[int]]]) -> int:
+    """Units whose score equals the score of both a kept and a removed unit of the same ranking: among
+    them the lowest indices were kept, the criterion did not decide (e.g. all-zero scores at init)."""
+    tied = 0
+    for scores, kept in pools:
+        s = scores.double().cpu()
+        mask = torch.zeros(s.numel(), dtype=torch.bool)
+        mask[kept] = True
+        both = set(s[mask].tolist()) & set(s[~mask].tolist())
+        if both:
+            tied += int(torch.isin(s, torch.tensor(sorted(both), dtype=s.dtype)).sum())
+    return tied
+
+
+def _ranking_pools(scores: list[torch.Tensor], kept: list[list[int]], layout: str) -> list[tuple[torch.Tensor, list[int]]]:
+    """One ranking per layer (`uniform`) or one over all layers (`global`)."""
+    if layout == "uniform":
+        return list(zip(scores, kept))
+    offsets = [0]
+    for s in scores[:-1]:
+        offsets.append(offsets[-1] + s.numel())
+    return [(torch.cat([s.double().cpu() for s in scores]), [o + i for o, k in zip(offsets, kept) for i in k])]
+
+
 def make_plan(model: nn.Module, scores: Scores, config: SelectionConfig, meta: dict | None = None) -> Plan:
-    """Choose kept heads and neurons of every layer from `scores` (larger = keep)."""
+    """Choose kept heads and neurons of every layer from `scores` (larger = keep).
+
+    Ties are broken by index (the lowest is kept); `meta["ties"]` counts, per kind, the selectable units
+    (query heads, or KV groups with `gqa: group`; neurons) whose score tied across the cut."""
     adapter = get_adapter(model)
     layers = adapter.layers(model)
     _check_scores_match(layers, scores)
+    narrowest = min(l.intermediate_size for l in layers)
+    if config.mlp > 0 and config.round_to > narrowest:
+        raise ValueError(
+            f"round_to={config.round_to} is larger than a layer's {narrowest} MLP neurons; use round_to <= {narrowest}"
+        )
     target = config.target_params
     if target is not None:
         ratio = _ratio_for_budget(model, scores, config)
@@ -197,12 +231,17 @@ def make_plan(model: nn.Module, scores: Scores, config: SelectionConfig, meta: d
         neuron_counts = _global_counts(scores.neurons, config.mlp, [config.round_to] * len(layers))
     _check_removes_something("heads", config.heads, head_counts, [_units(l, config.gqa) for l in layers], head_mult)
     _check_removes_something("mlp", config.mlp, neuron_counts, [l.intermediate_size for l in layers], [config.round_to] * len(layers))
-    heads, kv_heads, neurons = [], [], []
+    heads, kv_heads, neurons, kept_units = [], [], [], []
     for layer, hs, ns, hc, nc in zip(layers, scores.heads, scores.neurons, head_counts, neuron_counts):
         q, kv = _kept_heads(layer, hs, hc, config.gqa)
         heads.append(q)
         kv_heads.append(kv)
+        kept_units.append(q if _units(layer, config.gqa) == layer.num_heads else kv)
         neurons.append(_top(ns, nc))
+    ties = {
+        "heads": _tied_units(_ranking_pools(head_units, kept_units, config.layout)),
+        "neurons": _tied_units(_ranking_pools(scores.neurons, neurons, config.layout)),
+    }
     return Plan(
         family=adapter.name,
         layout=config.layout,
@@ -212,7 +251,7 @@ def make_plan(model: nn.Module, scores: Scores, config: SelectionConfig, meta: d
         dense_heads=[l.num_heads for l in layers],
         dense_kv_heads=[l.num_kv_heads for l in layers],
         dense_neurons=[l.intermediate_size for l in layers],
-        meta={"selection": {**asdict(config), "target_params": target}, **(meta or {})},
+        meta={"selection": {**asdict(config), "target_params": target}, "ties": ties, **(meta or {})},
     )
 
 
@@ -263,10 +302,10 @@ def _ratio_for_budget(model: nn.Module, scores: Scores, config: SelectionConfig)
         hi = max(hi, 0.0)
     smallest = size(hi)
     if smallest is None or smallest > target:
+        least = f"{smallest:,}" if smallest is not None else f"more than {target:,}"
         raise ValueError(
-            f"target_params={target:,} cannot be met: the most pruned model still has "
-            f"{smallest if smallest is not None else 'more than'} parameters (dense {dense:,}); "
-            "embeddings and norms are not pruned"
+            f"target_params={target:,} cannot be met: the most pruned model still has {least} parameters "
+            f"(dense {dense:,}; embeddings and norms are not pruned); raise target_params to at least that"
         )
     for _ in range(40):
         mid = (lo + hi) / 2

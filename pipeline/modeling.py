@@ -75,6 +75,12 @@ def _reload_for_classification(cfg: ModelConfig, model: PreTrainedModel) -> PreT
 def load_model_tokenizer(path: str):
     """The tokenizer saved in a model folder, or None when the folder has none."""
     folder = Path(path)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"folder {folder} does not exist (model and tokenizer folders must be local: this machine is offline)")
     if any((folder / name).exists() for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt")):
-        return AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+        try:
+            return AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+        except (OSError, ValueError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ValueError(f"the tokenizer in {folder} cannot be loaded ({first}); re-save it with save_pretrained") from exc
     return None

@@ -61,16 +61,20 @@ def prune_model(args: argparse.Namespace) -> None:
     _init_distributed()
     rank, size = world()
     try:
+        if size > args.batches:  # before loading anything: every rank needs at least one batch
+            raise ValueError(f"{size} ranks but only {args.batches} calibration batches: raise --batches to at least {size}")
         model = earlycrop.from_pretrained(args.model, attn_implementation="eager")
         saved_dtype = next(model.parameters()).dtype
         model.to(getattr(torch, args.score_dtype))
         tokenizer = load_model_tokenizer(args.model)
         if tokenizer is None:
             raise FileNotFoundError(f"{args.model} has no tokenizer files: save the tokenizer into the model folder")
+        vocab = model.get_input_embeddings().weight.shape[0]
+        if len(tokenizer) > vocab:
+            raise ValueError(f"the tokenizer in {args.model} has {len(tokenizer)} tokens but the model's embedding has {vocab} rows: "
+                             "save the model's own tokenizer into the model folder")
         check_selection(model, selection)
         batches = _calibration(args, model, tokenizer)
-        if size > len(batches):
-            raise ValueError(f"{size} ranks but only {len(batches)} calibration batches: raise --batches to at least {size}")
         criterion = earlycrop.make_criterion(args.criterion, hvp=args.hvp, seed=args.seed)
         scores = score_sharded(model, criterion, batches, progress=rank == 0)
         plan = earlycrop.make_plan(model, scores, selection, meta={"criterion": args.criterion, "batches": args.batches})
@@ -93,6 +97,10 @@ def summary(plan: earlycrop.Plan, result: earlycrop.PruneResult, out: Path) -> s
     lines = [f"{'layer':>5}  {'heads':>9}  {'kv heads':>9}  {'neurons':>13}"]
     for i, (h, kv, n) in enumerate(zip(counts["heads"], counts["kv_heads"], counts["neurons"])):
         lines.append(f"{i:>5}  {h:>4}/{plan.dense_heads[i]:<4}  {kv:>4}/{plan.dense_kv_heads[i]:<4}  {n:>6}/{plan.dense_neurons[i]:<6}")
+    ties = plan.meta.get("ties") or {}
+    if any(ties.values()):
+        lines.append(f"ties: {ties['heads']} head units and {ties['neurons']} neurons scored equal across the cut; "
+                     "the lowest indices were kept (the criterion did not tell them apart)")
     ratio = result.params_after / result.params_before
     lines.append(f"parameters: {result.params_before:,} → {result.params_after:,} ({ratio:.1%})")
     if result.plain_loadable:
