@@ -123,7 +123,7 @@ def _gate_grads(ctx: ScoringContext, loss: torch.Tensor) -> list[torch.Tensor]:
 
 def _weight_gradient(ctx: ScoringContext, weights: list[nn.Parameter]) -> list[torch.Tensor]:
     """g = ∇θ L summed over all calibration batches of all ranks (detached)."""
-    g = [torch.zeros_like(w) for w in weights]
+    g = [torch.zeros_like(w, dtype=torch.promote_types(w.dtype, torch.float32)) for w in weights]
     for batch in ctx.iter_batches("gradient"):
         for acc, grad in zip(g, torch.autograd.grad(ctx.loss_fn(ctx.model, batch), weights)):
             acc.add_(grad)
@@ -144,6 +144,11 @@ def hessian_gradient_product(ctx: ScoringContext, hvp: Literal["exact", "finite_
                 for a, d in zip(acc, torch.autograd.grad(z, ctx.gates.parameters())):
                     a.add_(d)
     elif hvp == "finite_difference":
+        if any(w.dtype not in (torch.float32, torch.float64) for w in weights):
+            raise ValueError(
+                "hvp: finite_difference needs float32/float64 weights (a step of h/‖g‖ vanishes in bf16/fp16): "
+                "score a float32 copy or use hvp: exact"
+            )
         g_norm = math.sqrt(sum(float((gi.double() ** 2).sum()) for gi in g))
         if g_norm == 0.0:
             raise FloatingPointError("the weight gradient is zero on the calibration batches: nothing to score")
@@ -225,7 +230,7 @@ class Activation(Criterion):
     name = "activation"
 
     def score(self, ctx):
-        sums = [torch.zeros_like(g).detach() for g in ctx.gates.parameters()]
+        sums = ctx.gates.zeros_like()
         tokens = torch.zeros(1, dtype=sums[0].dtype, device=sums[0].device)
         head_sums, neuron_sums = ctx.gates.split(sums)
         handles = []

@@ -51,7 +51,8 @@ class Gates:
         return list(flat[:n]), list(flat[n:])
 
     def zeros_like(self) -> list[torch.Tensor]:
-        return [torch.zeros_like(g) for g in self.parameters()]
+        """Accumulators in at least float32: sums over batches and ranks must not round in bf16."""
+        return [torch.zeros_like(g, dtype=torch.promote_types(g.dtype, torch.float32)) for g in self.parameters()]
 
     def remove(self) -> None:
         for handle in self._handles:

@@ -14,11 +14,17 @@ import torch
 
 @dataclass
 class WeightDistanceRule:
+    """Decides, from weight snapshots every `interval` steps, when pruning should happen.
+
+    `state_dict` / `load_state_dict` let a resumed run continue the same trace (register the rule
+    for checkpointing). w_1 is kept as float32 CPU copies, one per tensor: no giant concatenation.
+    """
+
     interval: int
     cap: int
     sparsity: float
     trace: list[tuple[int, float]] = field(default_factory=list)
-    _w1: torch.Tensor | None = field(default=None, repr=False)
+    _w1: list[torch.Tensor] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.interval < 1 or self.cap < 1:
@@ -32,20 +38,31 @@ class WeightDistanceRule:
             return None
         return self.trace[1][1] * min(1.0 - self.sparsity - 0.1, 0.99)
 
+    def _distance(self, weights: list[torch.Tensor]) -> float:
+        moved = sum(float((w.detach().float().cpu() - w1).square().sum()) for w, w1 in zip(weights, self._w1))
+        base = sum(float(w1.square().sum()) for w1 in self._w1)
+        return (moved / max(base, 1e-30)) ** 0.5
+
     def observe(self, step: int, weights: list[torch.Tensor]) -> bool:
         """Record the weights after optimizer step `step`; True when pruning should happen now."""
         if step >= self.cap:
             return True
         if step % self.interval:
             return False
-        flat = torch.cat([w.detach().reshape(-1).double().cpu() for w in weights])
         if self._w1 is None:
-            self._w1 = flat
+            self._w1 = [w.detach().float().cpu().clone() for w in weights]
             self.trace.append((step, 0.0))
             return False
-        self.trace.append((step, float((flat - self._w1).norm() / self._w1.norm().clamp_min(1e-30))))
+        self.trace.append((step, self._distance(weights)))
         # trace[0] is w_1 itself (d_1 = 0): interval e >= 3 has index >= 2
         tau = self.threshold
         if len(self.trace) < 3 or tau is None or tau <= 0:
             return False
         return abs(self.trace[-1][1] - self.trace[-2][1]) < tau
+
+    def state_dict(self) -> dict:
+        return {"trace": [list(t) for t in self.trace], "w1": self._w1 or []}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.trace = [(int(s), float(d)) for s, d in state["trace"]]
+        self._w1 = list(state["w1"]) or None

@@ -55,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--gqa", choices=["per_group", "group"], default="per_group", help="GQA: equal query heads per group, or whole groups")
     prune.add_argument("--round-to", type=int, default=1, help="round kept neuron counts to a multiple (e.g. 8)")
     prune.add_argument("--hvp", choices=["exact", "finite_difference"], default="exact", help="how earlycrop/grasp compute H·g")
+    prune.add_argument("--fd-step", type=float, default=1e-4, help="finite-difference step h (ε = h/‖g‖); check it against exact scores")
     prune.add_argument("--batches", type=int, default=5, help="calibration batches (sharded over ranks)")
     prune.add_argument("--batch-size", type=int, default=8)
     prune.add_argument("--seq-len", type=int, default=128)
@@ -99,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
             from pipeline.prune_job import prune_model
 
             prune_model(args)
-    except (ValueError, FileNotFoundError, FloatingPointError, RuntimeError) as exc:
+    except (ValueError, OSError, FloatingPointError, RuntimeError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         print(f"earlycrop: error: {first}", file=sys.stderr)
         return 2

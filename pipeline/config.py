@@ -120,7 +120,8 @@ class TrainConfig(_Strict):
     warmup_steps: int = Field(10, ge=0)
     scheduler: Literal["cosine", "one_cycle", "constant"] = "cosine"
     max_grad_norm: float | None = Field(1.0, gt=0.0)
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    # None: whatever the accelerate launch config says (its `mixed_precision`), else full precision
+    mixed_precision: Literal["no", "bf16", "fp16"] | None = None
     eval_every: int = Field(50, ge=1)
     eval_batches: int = Field(20, ge=1)
     log_every: int = Field(10, ge=1)
@@ -178,6 +179,11 @@ class RunConfig(_Strict):
             raise ValueError("model.task is sequence_classification: set data.label_field")
         if self.target is not None and self.prune.target_params is not None:
             raise ValueError("set target.budget or prune.target_params, not both (a params<=N budget does the same)")
+        if self.prune.prune_at == "auto" and self.prune.auto_cap >= self.train.max_steps:
+            raise ValueError(
+                f"prune.auto_cap={self.prune.auto_cap} is not before train.max_steps={self.train.max_steps}: "
+                "the model might never be pruned; lower prune.auto_cap"
+            )
         if isinstance(self.prune.prune_at, int) and self.prune.prune_at >= self.train.max_steps:
             raise ValueError(
                 f"prune.prune_at={self.prune.prune_at} is not before train.max_steps={self.train.max_steps}: "
@@ -228,7 +234,10 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             if not isinstance(child, dict):
                 raise ValueError(f"override {key!r}: {part!r} is not a section")
             node = child
-        node[leaf] = yaml.safe_load(raw) if raw != "" else None
+        try:
+            node[leaf] = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError:
+            raise ValueError(f"override {item!r}: the value is not valid YAML (quote strings with special characters)") from None
     return data
 
 

@@ -75,7 +75,7 @@ def prune_model(args: argparse.Namespace) -> None:
                              "save the model's own tokenizer into the model folder")
         check_selection(model, selection)
         batches = _calibration(args, model, tokenizer)
-        criterion = earlycrop.make_criterion(args.criterion, hvp=args.hvp, seed=args.seed)
+        criterion = earlycrop.make_criterion(args.criterion, hvp=args.hvp, fd_step=args.fd_step, seed=args.seed)
         scores = score_sharded(model, criterion, batches, progress=rank == 0)
         plan = earlycrop.make_plan(model, scores, selection, meta={"criterion": args.criterion, "batches": args.batches})
         check_same_on_all_ranks(plan.to_json(), "pruning plan")
@@ -86,9 +86,10 @@ def prune_model(args: argparse.Namespace) -> None:
             plan.save(out / "plan.json")
             save_file(scores.to_tensors(), out / "scores.safetensors")
             print(summary(plan, result, out))
+        if dist.is_initialized():
+            dist.barrier()  # only on success: a rank that failed must not leave the others waiting here
     finally:
         if dist.is_initialized():
-            dist.barrier()
             dist.destroy_process_group()
 
 

@@ -72,8 +72,7 @@ def make_accelerator(cfg: RunConfig) -> Accelerator:
         ds["train_micro_batch_size_per_gpu"] = cfg.train.micro_batch_size
         ds["gradient_accumulation_steps"] = cfg.train.gradient_accumulation_steps
         ds["train_batch_size"] = cfg.train.micro_batch_size * cfg.train.gradient_accumulation_steps * accelerator.num_processes
-        if cfg.train.max_grad_norm:
-            ds["gradient_clipping"] = cfg.train.max_grad_norm
+        ds["gradient_clipping"] = cfg.train.max_grad_norm or 0.0
     return accelerator
 
 
@@ -142,7 +141,17 @@ def prepare_data(cfg: RunConfig, accelerator: Accelerator) -> Prepared:
             f"{accelerator.num_processes} ranks but only {len(calibration)} calibration batches: "
             f"set prune.calibration_batches >= {accelerator.num_processes}"
         )
-    return Prepared(tokenizer, _to_tensors(train_ds), _to_tensors(val_ds), calibration)
+    prepared = Prepared(tokenizer, _to_tensors(train_ds), _to_tensors(val_ds), calibration)
+    global_batch = cfg.train.micro_batch_size * accelerator.num_processes
+    for name, blocks in (("training", prepared.train_blocks), ("validation", prepared.val_blocks)):
+        count = blocks["input_ids"].shape[0]
+        if count < global_batch:
+            raise ValueError(
+                f"{count} {name} blocks are fewer than one batch on every rank ({cfg.train.micro_batch_size} × "
+                f"{accelerator.num_processes}): use more text, a smaller train.micro_batch_size or data.seq_len"
+                + (", or a larger data.validation_fraction" if name == "validation" else "")
+            )
+    return prepared
 
 
 def _tokenizer(cfg: RunConfig, accelerator: Accelerator, train_docs):
@@ -190,7 +199,7 @@ def selection_config(cfg: RunConfig) -> earlycrop.SelectionConfig:
 
 def training_setup(cfg: RunConfig, accelerator: Accelerator) -> TrainingSetup:
     """How this job trains, as far as the memory model is concerned."""
-    precision = {"no": "fp32", "bf16": "bf16_mixed", "fp16": "fp16_mixed"}[cfg.train.mixed_precision]
+    precision = {"no": "fp32", "bf16": "bf16_mixed", "fp16": "fp16_mixed"}[accelerator.mixed_precision]
     return TrainingSetup(
         precision=precision, micro_batch=cfg.train.micro_batch_size, seq_len=cfg.data.seq_len,
         activation_checkpointing=cfg.target.activation_checkpointing if cfg.target else False,
@@ -218,17 +227,27 @@ def target_report(cfg: RunConfig, accelerator: Accelerator, dense_model, plan: e
     return report
 
 
-def check_selection(model, selection: earlycrop.SelectionConfig) -> None:
+def check_selection(model, selection: earlycrop.SelectionConfig) -> earlycrop.Plan:
     """Run selection on placeholder scores so impossible ratios fail before any scoring work."""
     layers = earlycrop.get_adapter(model).layers(model)
     placeholder = Scores(heads=[torch.zeros(l.num_heads) for l in layers], neurons=[torch.zeros(l.intermediate_size) for l in layers])
-    earlycrop.make_plan(model, placeholder, selection)
+    return earlycrop.make_plan(model, placeholder, selection)
+
+
+def _metadata(path: Path) -> dict[str, str]:
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as f:
+        return f.metadata() or {}
 
 
 def score_and_plan(cfg: RunConfig, accelerator: Accelerator, model, calibration, out: Path, reuse: bool) -> tuple[Scores, earlycrop.Plan]:
     """Scores over all ranks' shards (or the saved ones when resuming), then the plan every rank agrees on."""
     scores_path = out / SCORES_FILE
-    if reuse and scores_path.is_file():
+    provenance = {"criterion": cfg.prune.criterion, "hvp": cfg.prune.hvp, "fd_step": str(cfg.prune.fd_step),
+                  "seed": str(cfg.seed), "source": cfg.data.source, "calibration_batches": str(cfg.prune.calibration_batches),
+                  "calibration_batch_size": str(cfg.prune.calibration_batch_size), "seq_len": str(cfg.data.seq_len)}
+    if reuse and scores_path.is_file() and _metadata(scores_path) == provenance:
         scores = Scores.from_tensors(load_file(scores_path))
         accelerator.print(f"reusing scores from {scores_path}")
     else:
@@ -236,7 +255,7 @@ def score_and_plan(cfg: RunConfig, accelerator: Accelerator, model, calibration,
         scores = score_sharded(model, criterion, calibration, progress=accelerator.is_main_process)
         if accelerator.is_main_process:
             tmp = scores_path.with_suffix(".tmp")
-            save_file(scores.to_tensors(), tmp)
+            save_file(scores.to_tensors(), tmp, metadata=provenance)
             os.replace(tmp, scores_path)
     if cfg.target is None:
         plan = earlycrop.make_plan(model, scores, selection_config(cfg), meta={"criterion": cfg.prune.criterion})
@@ -279,10 +298,12 @@ def run(cfg: RunConfig, resume: bool = False) -> dict:
         model = build_model(cfg.model, len(prepared.tokenizer), prepared.tokenizer.pad_token_id, cfg.seed)
     check_tokenizer(model, prepared.tokenizer)
     check_labels(model, prepared)
-    if cfg.prune.prune_at != "never" and cfg.target is None:
-        check_selection(model, selection_config(cfg))
-    elif cfg.prune.prune_at != "never":
-        fit_target(cfg, accelerator, model, None)  # refuses an impossible budget before any scoring
+    sparsity = 0.0
+    if cfg.prune.prune_at != "never":
+        # a dry run on placeholder scores: impossible ratios or budgets fail before any scoring
+        dry_plan = check_selection(model, selection_config(cfg)) if cfg.target is None else fit_target(cfg, accelerator, model, None).plan
+        dense = sum(p.numel() for p in model.parameters())
+        sparsity = 1.0 - earlycrop.params_after(model, dry_plan) / dense
 
     tracker = create_tracker(
         is_main_process=accelerator.is_main_process, output_dir=out, tracking_uri=cfg.tracking_uri,
@@ -299,7 +320,7 @@ def run(cfg: RunConfig, resume: bool = False) -> dict:
             tracker.log_params(flatten_config(cfg.model_dump()))
         dense_params = sum(p.numel() for p in model.parameters())
         tracker.log_metrics({"params_dense": float(dense_params)}, step=0)
-        result = _run_stages(cfg, accelerator, model, prepared, tracker, timer, state, checkpoint, out, dense_params, resume)
+        result = _run_stages(cfg, accelerator, model, prepared, tracker, timer, state, checkpoint, out, dense_params, resume, sparsity)
     except BaseException:
         tracker.close(status="FAILED")
         raise
@@ -336,13 +357,14 @@ def _adam_from_deepspeed(cfg: RunConfig, module, step: int) -> torch.optim.AdamW
         state = {key: safe_get_full_optimizer_state(p, key) for key in ("exp_avg", "exp_avg_sq")}
         with torch.no_grad():
             p.copy_(master.to(p.dtype))
-        optimizer.state[p] = {"step": torch.tensor(float(step)), **{k: v.clone() for k, v in state.items() if v is not None}}
+        optimizer.state[p] = {"step": torch.tensor(float(step)), "master": master.clone(),
+                              **{k: v.clone() for k, v in state.items() if v is not None}}
     return optimizer
 
 
 def _adam_into_deepspeed(engine, module, sliced: dict) -> None:
     """Give a freshly built ZeRO-1/2 engine the sliced moments, so training continues without a restart."""
-    from deepspeed.utils import safe_set_full_optimizer_state
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
     zero = engine.optimizer
     base = zero.optimizer
@@ -351,12 +373,14 @@ def _adam_into_deepspeed(engine, module, sliced: dict) -> None:
         base.state[flat] = {"step": step, "exp_avg": torch.zeros_like(flat), "exp_avg_sq": torch.zeros_like(flat)}
     zero._lazy_init_hp_params_optimizer_state()
     for p in module.parameters():
+        if p in sliced and "master" in sliced[p]:
+            safe_set_full_fp32_param(p, sliced[p]["master"].to(p.device, torch.float32))
         for key in ("exp_avg", "exp_avg_sq"):
             if p in sliced and key in sliced[p]:
                 safe_set_full_optimizer_state(p, sliced[p][key].to(p.device, torch.float32), key)
 
 
-def _run_stages(cfg, accelerator, model, prepared, tracker, timer, state, checkpoint, out, dense_params, resume) -> dict:
+def _run_stages(cfg, accelerator, model, prepared, tracker, timer, state, checkpoint, out, dense_params, resume, sparsity) -> dict:
     p = cfg.prune
     stage = zero_stage(accelerator)
     plan: earlycrop.Plan | None = None
@@ -377,13 +401,14 @@ def _run_stages(cfg, accelerator, model, prepared, tracker, timer, state, checkp
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     model, optimizer = accelerator.prepare(model, optimizer)
+    rule = None
+    if p.prune_at == "auto":
+        # S = the fraction of parameters the plan removes; checkpointed so --resume keeps w_1 and the trace
+        rule = WeightDistanceRule(p.auto_interval, p.auto_cap, min(sparsity, 0.99))
+        accelerator.register_for_checkpointing(rule)
     if checkpoint is not None:
         accelerator.load_state(str(checkpoint))
         accelerator.print(f"resumed from {checkpoint} at step {state.step}")
-
-    rule = None
-    if p.prune_at == "auto" and state.pruned_at is None:
-        rule = WeightDistanceRule(p.auto_interval, p.auto_cap, (p.heads + p.mlp) / 2)
 
     def maybe_prune(step: int, model, optimizer):
         if state.pruned_at is not None or p.prune_at in (0, "never"):

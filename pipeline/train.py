@@ -86,10 +86,11 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 
 @torch.no_grad()
 def evaluate(accelerator: Accelerator, model, blocks: dict[str, torch.Tensor], micro_batch: int, max_batches: int) -> dict[str, float]:
-    """Mean validation loss (and accuracy for classification) over the same blocks on any world size."""
+    """Mean validation loss (and accuracy for classification) over the first `max_batches` batches in
+    total (rounded down to a multiple of the world size), so 1 and N ranks evaluate the same blocks."""
     world, rank = accelerator.num_processes, accelerator.process_index
     n = next(iter(blocks.values())).shape[0]
-    per_rank = min(max_batches, n // (micro_batch * world))
+    per_rank = min(max_batches, n // micro_batch) // world
     if per_rank == 0:
         raise ValueError(f"{n} validation blocks are fewer than one batch per rank ({micro_batch} × {world})")
     was_training = model.training
@@ -191,6 +192,7 @@ def train(loop: Loop, state: TrainerState) -> TrainerState:
             model, optimizer, pruned = loop.maybe_prune(state.step, model, optimizer)
             if pruned:
                 state.pruned_at = state.step
+                window_start = time.perf_counter()  # tokens/s measures training steps only
             set_lr(optimizer, learning_rate(cfg, state.step, state.pruned_at, loop.restart_schedule))
             model.train()
             step_loss = torch.zeros((), device=acc.device)
@@ -228,9 +230,11 @@ def train(loop: Loop, state: TrainerState) -> TrainerState:
                 metrics = evaluate(acc, model, loop.val_blocks, cfg.micro_batch_size, cfg.eval_batches)
                 state.history.append({"step": state.step, **metrics})
                 loop.log(metrics, state.step)
+                window_start = time.perf_counter()
             stopping = bool(acc.reduce(torch.tensor(float(stop.requested), device=acc.device), reduction="sum") > 0)
             if stopping or (cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0):
                 save_checkpoint(acc, loop.output_dir, state, cfg.keep_checkpoints)
+                window_start = time.perf_counter()
             if stopping:
                 acc.print(f"SIGTERM: checkpoint saved at step {state.step}; resume with --resume")
                 break

@@ -195,7 +195,7 @@ def test_prune_at_not_before_max_steps_errors(prune_at: int) -> None:
     with pytest.raises(ValueError, match=rf"prune.prune_at={prune_at} is not before train.max_steps=5"):
         load_config(QUICKSTART, ["train.max_steps=5", f"prune.prune_at={prune_at}"])
     assert load_config(QUICKSTART, ["train.max_steps=5", "prune.prune_at=4"]).prune.prune_at == 4
-    assert load_config(QUICKSTART, ["train.max_steps=5", "prune.prune_at=auto"]).prune.prune_at == "auto"
+    assert load_config(QUICKSTART, ["train.max_steps=5", "prune.prune_at=auto", "prune.auto_cap=4"]).prune.prune_at == "auto"
 
 
 def test_negative_prune_at_errors() -> None:
@@ -251,3 +251,13 @@ def test_missing_required_section_is_named(tmp_path) -> None:
     del data["data"]
     with pytest.raises(ValueError, match=r"data: Field required"):
         load_config(_write(tmp_path, data))
+
+
+def test_auto_cap_must_come_before_the_end_of_training() -> None:
+    with pytest.raises(ValueError, match="prune.auto_cap=200 is not before train.max_steps=100"):
+        load_config(QUICKSTART, ["train.max_steps=100", "prune.prune_at=auto", "prune.auto_cap=200"])
+
+
+def test_an_override_value_that_is_not_yaml_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="override 'train.lr=\\[': the value is not valid YAML"):
+        load_config(QUICKSTART, ["train.lr=["])

@@ -172,10 +172,12 @@ def _run_cmd(out: Path, *extra: str) -> list[str]:
 
 
 @pytest.mark.slow
-def test_resume_after_sigkill_gives_the_uninterrupted_weights(tmp_path):
-    launching.run(_run_cmd(tmp_path / "full"))
+@pytest.mark.parametrize("when", [(), ("prune.prune_at=auto", "prune.auto_interval=4", "prune.auto_cap=30")],
+                         ids=["prune_at_0", "auto_pruning_after_the_kill"])
+def test_resume_after_sigkill_gives_the_uninterrupted_weights(tmp_path, when):
+    launching.run(_run_cmd(tmp_path / "full", *when))
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(_run_cmd(killed), cwd=launching.REPO, env=launching.env(),
+    proc = subprocess.Popen(_run_cmd(killed, *when), cwd=launching.REPO, env=launching.env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while not (killed / "checkpoints/step_00000010/trainer_state.json").exists():
@@ -184,7 +186,8 @@ def test_resume_after_sigkill_gives_the_uninterrupted_weights(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (killed / "model").exists()
-    launching.run(_run_cmd(killed, "--resume"))
+    launching.run(_run_cmd(killed, *when, "--resume"))
+    assert summary(killed)["pruned_at"] == summary(tmp_path / "full")["pruned_at"]
     full = load_file(tmp_path / "full/model/model.safetensors")
     resumed = load_file(killed / "model/model.safetensors")
     assert full.keys() == resumed.keys()
