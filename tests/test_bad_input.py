@@ -8,9 +8,6 @@ Every case runs the real command line in this process (`launch.cli.main`), as `e
 - did no heavy work: errors found in the config leave no output folder at all; the others leave no
   scores, plan, checkpoint or model behind.
 
-Cases marked `xfail(strict=True)` are errors detected too late (after scoring) until the fix described in
-docs/RELIABILITY.md lands in pipeline/run.py; they will then XPASS, fail, and the marker must go.
-
     python -m pytest -q tests/test_bad_input.py
 """
 
@@ -211,6 +208,10 @@ CASES = [
     Case("calibration_larger_than_data", run("prune.calibration_batch_size=5000"),
          r"calibration needs 4 batches x 5000 = 20000 blocks but the training set has only \d+; lower"),
     Case("tokenizer_vocab_below_bytes", run("data.vocab_size=256"), r"vocab_size=256 is below 258 .*raise it"),
+    Case("micro_batch_larger_than_training_set", run("train.micro_batch_size=100000"),
+         r"\d+ training blocks are fewer than one batch on every rank \(100000 × 1\): use more text, a smaller train\.micro_batch_size"),
+    Case("validation_smaller_than_one_batch", run("data.validation_fraction=0.01", "data.seq_len=256", "train.micro_batch_size=16"),
+         r"\d+ validation blocks are fewer than one batch on every rank .*or a larger data\.validation_fraction"),
     # -- `earlycrop prune`
     Case("prune_ratio_ge_1", prune("--heads", "1.5"), r"argument --heads: 1\.5 is not a fraction in \[0, 1\)", "config"),
     Case("prune_unknown_layout", prune("--layout", "diagonal"), r"argument --layout: invalid choice: 'diagonal'", "config"),
@@ -226,12 +227,6 @@ CASES = [
     Case("prune_data_too_short", prune("--heads", "0.5", data="{fx}/four_docs.txt"), r"too short for one block of seq_len=128"),
 ]
 
-LATE = [  # detected only after scoring today: see docs/RELIABILITY.md for the pipeline/run.py fix
-    Case("micro_batch_larger_than_training_set", run("train.micro_batch_size=100000"),
-         r"training blocks are fewer than one global batch \(100000 per rank × 1 ranks\)"),
-    Case("validation_smaller_than_one_batch", run("data.validation_fraction=0.01", "data.seq_len=256", "train.micro_batch_size=16"),
-         r"validation blocks are fewer than one batch"),
-]
 
 
 def _run_case(case: Case, fx: Path, out: Path, capsys) -> tuple[int, str, float]:
@@ -264,17 +259,11 @@ def _check(case: Case, fx: Path, out: Path, capsys) -> None:
 
 
 def test_at_least_thirty_cases() -> None:
-    assert len(CASES) >= 30 and len({c.id for c in CASES + LATE}) == len(CASES) + len(LATE)
+    assert len(CASES) >= 30 and len({c.id for c in CASES}) == len(CASES)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_bad_input_fails_fast_with_one_clear_line(case: Case, fx: Path, tmp_path: Path, capsys) -> None:
-    _check(case, fx, tmp_path / "out", capsys)
-
-
-@pytest.mark.xfail(strict=True, reason="found after scoring: pipeline/run.py must check the block counts first (docs/RELIABILITY.md)")
-@pytest.mark.parametrize("case", LATE, ids=[c.id for c in LATE])
-def test_too_little_text_for_a_batch_fails_before_scoring(case: Case, fx: Path, tmp_path: Path, capsys) -> None:
     _check(case, fx, tmp_path / "out", capsys)
 
 
