@@ -264,6 +264,10 @@ def score_and_plan(cfg: RunConfig, accelerator: Accelerator, model, calibration,
         plan = fitted.plan
         plan.meta.update(criterion=cfg.prune.criterion, target=cfg.target.budget)
         accelerator.print(fitted.summary())
+    ties = plan.meta.get("ties") or {}
+    if any(ties.values()):
+        accelerator.print(f"note: {ties.get('heads', 0)} head units and {ties.get('neurons', 0)} neurons scored equal across "
+                          "the cut; the lowest indices were kept (the criterion did not tell them apart)")
     check_same_on_all_ranks(plan.to_json(), "pruning plan")
     if accelerator.is_main_process:
         plan.save(out / PLAN_FILE)
