@@ -227,6 +227,29 @@ def target_report(cfg: RunConfig, accelerator: Accelerator, dense_model, plan: e
     return report
 
 
+def measured_tokens_per_s(model, batch: dict[str, torch.Tensor], repeats: int = 2) -> float | None:
+    """Forward+backward throughput on one calibration batch; None when the model does not fit."""
+    device = next(model.parameters()).device
+    batch = {k: v.to(device) for k, v in batch.items()}
+    was_training = model.training
+    model.train()
+    try:
+        model(**batch).loss.backward()  # warm-up
+        start = time.perf_counter()
+        for _ in range(repeats):
+            model(**batch).loss.backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return repeats * batch["input_ids"].numel() / (time.perf_counter() - start)
+    except torch.OutOfMemoryError:
+        return None
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.train(was_training)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
 def check_selection(model, selection: earlycrop.SelectionConfig) -> earlycrop.Plan:
     """Run selection on placeholder scores so impossible ratios fail before any scoring work."""
     layers = earlycrop.get_adapter(model).layers(model)
@@ -397,8 +420,14 @@ def _run_stages(cfg, accelerator, model, prepared, tracker, timer, state, checkp
         with timer("score"):
             scores, plan = score_and_plan(cfg, accelerator, model, prepared.calibration, out, reuse=checkpoint is None and resume)
         report = target_report(cfg, accelerator, model, plan)
+        dense_speed = measured_tokens_per_s(model, prepared.calibration[0]) if report else None
         with timer("prune"):
             result = earlycrop.prune(model, plan)
+        if report:
+            speeds = {"dense": dense_speed, "pruned": measured_tokens_per_s(model, prepared.calibration[0])}
+            tracker.log_metrics({f"budget.{k}.tokens_per_s": v for k, v in speeds.items() if v}, step=0)
+            accelerator.print("forward+backward tokens/s: " + ", ".join(
+                f"{k} {v:,.0f}" if v else f"{k} does not fit" for k, v in speeds.items()))
         state.pruned_at = 0
         _log_plan(tracker, scores, plan, result, out, 0, report)
         accelerator.print(f"pruned before training: {dense_params:,} → {result.params_after:,} parameters")

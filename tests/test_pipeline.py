@@ -238,6 +238,7 @@ def test_target_budget_picks_the_plan_and_logs_the_report(tmp_path):
     assert result["params_final"] <= 20_000 < result["params_dense"]
     client, run = mlflow_run(out)
     assert run.data.metrics["budget.pruned.params"] == result["params_final"]
+    assert run.data.metrics["budget.dense.tokens_per_s"] > 0 and run.data.metrics["budget.pruned.tokens_per_s"] > 0
     assert "budget_report.json" in artifact_paths(client, run.info.run_id)
     refused = launching.cli("run", CONFIG, f"output_dir={tmp_path / 'refused'}", "target.budget=params<=100", check=False)
     assert refused.returncode != 0 and "params<=100" in refused.stderr
