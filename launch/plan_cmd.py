@@ -4,9 +4,7 @@ scoring, no weights read (the model is built on the meta device).
     earlycrop plan --config configs/llama_1b_8gpu_zero2.yaml --budget "24GB x 1" --micro-batch 1 --checkpointing
     earlycrop plan --model runs/quickstart/model --budget "params<=50M"
 
-Wire-up (launch/cli.py): `add_plan_parser(sub)` adds the sub-command to `build_parser()`'s sub-parsers;
-`main` dispatches `args.command == "plan"` to `run_plan(args)`, which returns the exit code (0 fine, 2 error, with
-one line `earlycrop plan: error: ...` on stderr).
+`run_plan` returns the exit code: 0, or 2 with one line `earlycrop plan: error: ...` on stderr.
 """
 
 from __future__ import annotations
@@ -229,14 +227,3 @@ def _measure(kind: str, value: float) -> str:
     from earlycrop.budget import _format_measure
 
     return _format_measure(kind, value)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry (`python -m launch.plan_cmd ...`), until launch/cli.py dispatches `plan`."""
-    parser = argparse.ArgumentParser(prog="earlycrop")
-    add_plan_parser(parser.add_subparsers(dest="command", required=True))
-    return run_plan(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -42,7 +42,6 @@ from typing import Any, TypeVar
 import datasets
 import torch
 from datasets import Dataset
-from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerFast
 
 __all__ = [
@@ -55,8 +54,6 @@ __all__ = [
     "tokenize_classification",
     "calibration_batches",
     "shard_batches",
-    "stack_collate",
-    "make_dataloader",
 ]
 
 EOS_TOKEN = "<|endoftext|>"
@@ -546,33 +543,3 @@ def shard_batches(batches: Sequence[T], rank: int, world_size: int) -> list[T]:
 # --------------------------------------------------------------------------------------------------
 # Loaders
 # --------------------------------------------------------------------------------------------------
-
-
-def stack_collate(rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-    """Stack equal-shape per-row tensors into a batch (packed blocks need no padding)."""
-    return {k: torch.stack([torch.as_tensor(r[k]) for r in rows]) for k in rows[0]}
-
-
-def make_dataloader(
-    blocks: Dataset,
-    batch_size: int,
-    *,
-    shuffle: bool,
-    seed: int,
-    collate: Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]] | None = None,
-    drop_last: bool = False,
-) -> DataLoader:
-    """A plain DataLoader over the model columns, with a seeded generator for reproducible shuffles."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size} must be positive")
-    columns = [c for c in _MODEL_COLUMNS if c in blocks.column_names]
-    if not columns:
-        raise ValueError(f"dataset has none of {list(_MODEL_COLUMNS)} (columns: {blocks.column_names}); tokenize it first")
-    return DataLoader(
-        blocks.with_format("torch", columns=columns),
-        batch_size=batch_size,
-        shuffle=shuffle,
-        generator=torch.Generator().manual_seed(seed),
-        collate_fn=collate or stack_collate,
-        drop_last=drop_last,
-    )

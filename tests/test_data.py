@@ -15,7 +15,6 @@ from pipeline.data import (
     EOS_TOKEN,
     calibration_batches,
     load_documents,
-    make_dataloader,
     pack_causal_lm,
     shard_batches,
     split_documents,
@@ -283,7 +282,7 @@ def test_classification_jsonl_gives_label_tensor(tmp_path, tokenizer: PreTrained
     assert ds.column_names == ["text", "label"]
     assert ds.features["label"].names == ["neg", "pos"]
     enc = tokenize_classification(ds, tokenizer, seq_len=16)
-    batch = next(iter(make_dataloader(enc, batch_size=3, shuffle=False, seed=0)))
+    batch = {k: torch.tensor(list(enc[k][:3])) for k in ("input_ids", "attention_mask", "labels")}
     assert batch["labels"].tolist() == [1, 0, 1]
     assert batch["input_ids"].shape == batch["attention_mask"].shape == (3, 16)
     mask = batch["attention_mask"]
@@ -351,16 +350,3 @@ def test_shards_more_ranks_than_batches_errors() -> None:
         shard_batches([0, 1, 2], rank=0, world_size=4)
     with pytest.raises(ValueError, match="rank=2 is outside"):
         shard_batches([0, 1, 2], rank=2, world_size=2)
-
-
-# ---------------------------------------------------------------- loader
-
-
-def test_dataloader_seeded_shuffle(blocks: Dataset) -> None:
-    def order(seed: int) -> list[list[int]]:
-        return [b["input_ids"][:, 0].tolist() for b in make_dataloader(blocks, 4, shuffle=True, seed=seed)]
-
-    assert order(0) == order(0)
-    assert order(0) != order(1)
-    batch = next(iter(make_dataloader(blocks, 4, shuffle=False, seed=0)))
-    assert set(batch) == {"input_ids", "labels"} and batch["input_ids"].shape == (4, SEQ_LEN)
