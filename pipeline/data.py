@@ -538,8 +538,3 @@ def shard_batches(batches: Sequence[T], rank: int, world_size: int) -> list[T]:
             f"would leave a rank idle; raise the number of calibration batches to at least {world_size}"
         )
     return list(batches[rank::world_size])
-
-
-# --------------------------------------------------------------------------------------------------
-# Loaders
-# --------------------------------------------------------------------------------------------------
