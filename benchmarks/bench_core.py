@@ -42,6 +42,7 @@ if str(ROOT) not in sys.path:
 
 import earlycrop  # noqa: E402
 from earlycrop.surgery import LAYOUT_KEY  # noqa: E402
+from results_file import write_section  # noqa: E402
 
 SECTION = "## Core: pruned vs dense vs native (bench_core.py)"
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
@@ -355,22 +356,6 @@ def run(args) -> str:
     return "\n".join(L)
 
 
-def write_section(path: Path, section: str) -> None:
-    """Replace our section (heading to the next `## ` heading) or append it; keep everything else."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n\nNumbers measured by the scripts in `benchmarks/`.\n"
-    lines = text.splitlines()
-    try:
-        start = next(i for i, line in enumerate(lines) if line.strip() == SECTION)
-    except StopIteration:
-        new = text.rstrip("\n") + "\n\n" + section.rstrip("\n") + "\n"
-    else:
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-        before = "\n".join(lines[:start]).rstrip("\n")
-        after = "\n".join(lines[end:])
-        new = (before + "\n\n" if before else "") + section.rstrip("\n") + "\n" + ("\n" + after.rstrip("\n") + "\n" if after else "")
-    path.write_text(new)
-
-
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="tiny model, few steps: a smoke check (prints, does not write)")
@@ -389,7 +374,7 @@ def main(argv: list[str] | None = None) -> None:
     print(section)
     write = (not args.quick) if args.write is None else args.write
     if write:
-        write_section(args.results, section)
+        write_section(args.results, SECTION, section)
         log(f"wrote section to {args.results}")
 
 

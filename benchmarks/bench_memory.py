@@ -66,6 +66,7 @@ if str(ROOT) not in sys.path:
 
 import earlycrop  # noqa: E402
 from earlycrop.memory import ModelShape, TrainingSetup, estimate_memory  # noqa: E402
+from results_file import write_section  # noqa: E402
 
 SECTIONS = {
     "cpu": "## Memory model vs measurement (bench_memory.py)",
@@ -633,23 +634,6 @@ def report(args, device, cases, prune_info, shapes, threads, elapsed, load_start
                  f"`{SECTIONS['cuda']}`, and leaves this one alone.")
     L.append("")
     return "\n".join(L)
-
-
-def write_section(path: Path, heading: str, section: str) -> None:
-    """Replace our section (heading to the next `## ` heading) or append it; keep everything else. The file is read
-    right before writing so concurrent edits to other sections survive."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n\nNumbers measured by the scripts in `benchmarks/`.\n"
-    lines = text.splitlines()
-    try:
-        start = next(i for i, line in enumerate(lines) if line.strip() == heading)
-    except StopIteration:
-        new = text.rstrip("\n") + "\n\n" + section.rstrip("\n") + "\n"
-    else:
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-        before = "\n".join(lines[:start]).rstrip("\n")
-        after = "\n".join(lines[end:])
-        new = (before + "\n\n" if before else "") + section.rstrip("\n") + "\n" + ("\n" + after.rstrip("\n") + "\n" if after else "")
-    path.write_text(new)
 
 
 def main(argv: list[str] | None = None) -> None:

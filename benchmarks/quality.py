@@ -36,6 +36,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from results_file import write_section  # noqa: E402
+
 CONFIG = ROOT / "configs" / "quickstart.yaml"
 CRITERIA = ["earlycrop", "grasp", "snip", "fisher", "magnitude", "activation", "random"]
 RATIOS = [0.5, 0.3, 0.7]
@@ -400,7 +402,7 @@ def report(args) -> None:
     text = "\n".join(lines).rstrip() + "\n"
     if args.extra:
         text += "\n" + Path(args.extra).read_text().rstrip() + "\n"
-    _write_section(Path(args.results), text)
+    write_section(Path(args.results), SECTION, text)
     print(text)
 
 
@@ -427,19 +429,6 @@ def _findings(rows, args) -> list[str]:
                 out.append(f"- {ratio:.0%}, prune_at {at}, {layout}: earlycrop − {other} = {diff:+.3f} val loss "
                            f"(larger seed std {noise:.3f}, n={len(a)}/{len(b)}): {verdict}.")
     return out + [""]
-
-
-def _write_section(path: Path, text: str) -> None:
-    old = path.read_text() if path.is_file() else "# Benchmarks\n"
-    lines = old.splitlines(keepends=True)
-    start = next((i for i, l in enumerate(lines) if l.startswith("## Quality:")), None)
-    if start is None:
-        new = old.rstrip() + "\n\n" + text
-    else:
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-        tail = "".join(lines[end:])
-        new = "".join(lines[:start]) + text + ("\n" + tail if tail else "")
-    path.write_text(new)
 
 
 def _plots(results, dense, plots: Path, quick: bool) -> list[Path]:

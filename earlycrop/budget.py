@@ -409,34 +409,27 @@ class _Searcher:
             return None
         return plan_config_error(self.model, self.plan(r)[0])
 
-    def next_plan(self, r: float) -> float | None:
-        """The smallest ratio above r (to RESOLUTION) whose plan differs from r's, or None."""
-        here = self.counts(r)
-        if self.counts(self.rmax) == here:
-            return None
-        lo, hi = r, self.rmax
+    def _plan_boundary(self, r: float, hi: float) -> tuple[float, float]:
+        """Bisect (r, hi] to RESOLUTION: the last ratio with r's plan and the first with another."""
+        here, lo = self.counts(r), r
         while hi - lo > RESOLUTION:
             mid = (lo + hi) / 2
             if self.counts(mid) == here:
                 lo = mid
             else:
                 hi = mid
-        return hi
+        return lo, hi
+
+    def next_plan(self, r: float) -> float | None:
+        """The smallest ratio above r (to RESOLUTION) whose plan differs from r's, or None."""
+        if self.counts(self.rmax) == self.counts(r):
+            return None
+        return self._plan_boundary(r, self.rmax)[1]
 
     def plan_end(self, r: float) -> float:
         """The largest ratio (to RESOLUTION) whose plan equals r's."""
         nxt = self.next_plan(r)
-        if nxt is None:
-            return self.rmax
-        here = self.counts(r)
-        lo, hi = r, nxt
-        while hi - lo > RESOLUTION:
-            mid = (lo + hi) / 2
-            if self.counts(mid) == here:
-                lo = mid
-            else:
-                hi = mid
-        return lo
+        return self.rmax if nxt is None else self._plan_boundary(r, nxt)[0]
 
     def tidy(self, lo: float, r: float) -> float:
         """A readable ratio in (lo, end of r's plan] that gives r's plan: the fraction of heads or neurons the plan
