@@ -24,7 +24,8 @@ class ModelConfig(_Strict):
 
     name_or_path: str | None = None
     family: Literal["llama", "qwen2", "mistral", "gpt2", "bert"] | None = None
-    task: Literal["causal_lm", "sequence_classification"] = "causal_lm"
+    # masked_lm: BERT-style pre-training (static masking, data.mlm_probability); BERT family only
+    task: Literal["causal_lm", "masked_lm", "sequence_classification"] = "causal_lm"
     num_labels: int = Field(2, ge=2)
     init: dict[str, Any] = Field(default_factory=dict)
     attn_implementation: Literal["eager", "sdpa"] = "sdpa"
@@ -37,6 +38,8 @@ class ModelConfig(_Strict):
             raise ValueError("set exactly one of model.name_or_path (a model folder) or model.family (from scratch)")
         if self.family is not None:
             _check_init(self.family, self.init)
+        if self.task == "masked_lm" and self.family not in (None, "bert"):
+            raise ValueError(f"model.task=masked_lm needs an encoder (model.family: bert), not {self.family}")
         return self
 
 
@@ -73,6 +76,7 @@ class DataConfig(_Strict):
     vocab_size: int = Field(4096, ge=256)
     seq_len: int = Field(128, ge=8)
     validation_fraction: float = Field(0.05, gt=0.0, lt=0.5)
+    mlm_probability: float = Field(0.15, gt=0.0, lt=1.0)
 
 
 class PruneConfig(_Strict):
@@ -93,6 +97,11 @@ class PruneConfig(_Strict):
     calibration_batches: int = Field(4, ge=1)
     calibration_batch_size: int = Field(8, ge=1)
     schedule_after_prune: Literal["restart", "continue"] = "restart"
+    # the loss the criterion differentiates. task: the model's own loss. pretraining: the checkpoint's
+    # pre-training loss through its own trained head (masked or causal LM on the task's text), because
+    # gradients through a NEW random task head say little about the pretrained features. auto: pretraining
+    # when model.name_or_path gets a new task head, task otherwise.
+    objective: Literal["auto", "task", "pretraining"] = "auto"
 
     @field_validator("criterion")
     @classmethod
@@ -126,6 +135,9 @@ class TrainConfig(_Strict):
     eval_batches: int = Field(20, ge=1)
     log_every: int = Field(10, ge=1)
     checkpoint_every: int = Field(0, ge=0)
+    # train only the parameters that are new in a pretrained model (a new task head) for this many steps
+    # before scoring and fine-tuning (linear probing first), the encoder frozen
+    head_warmup_steps: int = Field(0, ge=0)
     keep_checkpoints: int = Field(2, ge=1)
 
 
@@ -177,6 +189,12 @@ class RunConfig(_Strict):
     def _consistent(self) -> RunConfig:
         if self.model.task == "sequence_classification" and self.data.label_field is None:
             raise ValueError("model.task is sequence_classification: set data.label_field")
+        if self.prune.objective == "pretraining" and self.model.name_or_path is None:
+            raise ValueError("prune.objective=pretraining scores through a pretrained checkpoint's own head: set "
+                             "model.name_or_path (a model built from scratch has no pre-training head)")
+        if self.train.head_warmup_steps and self.model.name_or_path is None:
+            raise ValueError("train.head_warmup_steps trains the new head of a pretrained model: set model.name_or_path "
+                             "or train.head_warmup_steps=0")
         if self.target is not None and self.prune.target_params is not None:
             raise ValueError("set target.budget or prune.target_params, not both (a params<=N budget does the same)")
         if self.prune.prune_at == "auto" and self.prune.auto_cap >= self.train.max_steps:

@@ -46,17 +46,20 @@ from transformers import PreTrainedTokenizerFast
 
 __all__ = [
     "EOS_TOKEN",
+    "MASK_TOKEN",
     "PAD_TOKEN",
     "load_documents",
     "train_tokenizer",
     "split_documents",
     "pack_causal_lm",
     "tokenize_classification",
+    "mask_for_mlm",
     "calibration_batches",
     "shard_batches",
 ]
 
 EOS_TOKEN = "<|endoftext|>"
+MASK_TOKEN = "<|mask|>"
 PAD_TOKEN = "<|pad|>"
 
 GENSIM_WIKI = "gensim:wiki"
@@ -371,15 +374,16 @@ def _strip_news_post(post: str) -> str:
 # --------------------------------------------------------------------------------------------------
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
+def train_tokenizer(texts: Iterable[str], vocab_size: int, *, mask_token: bool = False) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE tokenizer on local text (no hub needed; any byte is encodable).
 
-    ``<|endoftext|>`` is eos/bos/unk and ``<|pad|>`` pads. Encoding adds no special tokens, so
-    ``decode(encode(text)) == text``; packing appends eos itself.
+    ``<|endoftext|>`` is eos/bos/unk and ``<|pad|>`` pads; with ``mask_token``, ``<|mask|>`` is the
+    masked-LM mask. Encoding adds no special tokens, so ``decode(encode(text)) == text``; packing
+    appends eos itself.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    specials = [EOS_TOKEN, PAD_TOKEN]
+    specials = [EOS_TOKEN, PAD_TOKEN] + ([MASK_TOKEN] if mask_token else [])
     minimum = len(pre_tokenizers.ByteLevel.alphabet()) + len(specials)
     if vocab_size < minimum:
         raise ValueError(f"vocab_size={vocab_size} is below {minimum} (256 bytes + special tokens); raise it")
@@ -409,6 +413,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenize
         bos_token=EOS_TOKEN,
         unk_token=EOS_TOKEN,
         pad_token=PAD_TOKEN,
+        **({"mask_token": MASK_TOKEN} if mask_token else {}),
         clean_up_tokenization_spaces=False,
     )
 
@@ -492,6 +497,28 @@ def tokenize_classification(ds: Dataset, tokenizer: PreTrainedTokenizerFast, seq
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": batch["label"]}
 
     return ds.map(encode, batched=True, remove_columns=ds.column_names, desc="tokenize")
+
+
+def mask_for_mlm(
+    blocks: dict[str, torch.Tensor], tokenizer: PreTrainedTokenizerFast, probability: float, seed: int
+) -> dict[str, torch.Tensor]:
+    """Static BERT masking of token blocks (``probability`` of the non-special tokens; of those 80% become
+    the mask token, 10% a random token, 10% stay), ``labels`` -100 elsewhere.
+
+    Static (drawn once, seeded) rather than per step, so every rank and every restart sees the same
+    masked blocks, and 1-rank and N-rank scores stay equal.
+    """
+    from transformers import DataCollatorForLanguageModeling
+
+    if tokenizer.mask_token is None:
+        raise ValueError("masked-LM needs a tokenizer with a mask token (train one with the pipeline, or use the model's own)")
+    collator = DataCollatorForLanguageModeling(tokenizer, mlm_probability=probability)
+    collator.generator = torch.Generator().manual_seed(seed)  # its own seed= only takes effect inside __call__
+    ids = blocks["input_ids"].clone()
+    special = torch.tensor([tokenizer.get_special_tokens_mask(row, already_has_special_tokens=True) for row in ids.tolist()],
+                           dtype=torch.bool)
+    masked, labels = collator.torch_mask_tokens(ids, special_tokens_mask=special)
+    return {**blocks, "input_ids": masked, "labels": labels}
 
 
 # --------------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 from transformers import (
     AutoModelForCausalLM,
+    AutoModelForMaskedLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
     BertConfig,
@@ -23,7 +24,9 @@ from .config import ModelConfig
 
 CONFIG_TYPES = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig, "gpt2": GPT2Config, "bert": BertConfig}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
-AUTO_CLASSES = {"causal_lm": AutoModelForCausalLM, "sequence_classification": AutoModelForSequenceClassification}
+AUTO_CLASSES = {"causal_lm": AutoModelForCausalLM, "masked_lm": AutoModelForMaskedLM,
+                "sequence_classification": AutoModelForSequenceClassification}
+PRETRAINING_HEADS = ("ForMaskedLM", "ForCausalLM", "ForPreTraining", "LMHeadModel")
 
 
 def check_model_folder(path: str) -> None:
@@ -70,6 +73,35 @@ def _reload_for_classification(cfg: ModelConfig, model: PreTrainedModel) -> PreT
         cfg.name_or_path, num_labels=cfg.num_labels, dtype=DTYPES[cfg.dtype],
         attn_implementation=cfg.attn_implementation, trust_remote_code=cfg.trust_remote_code,
     )
+
+
+def new_parameter_names(model: PreTrainedModel, folder: str) -> set[str]:
+    """Parameters of `model` that the checkpoint in `folder` does not hold: a newly attached task head."""
+    from safetensors import safe_open
+
+    saved: set[str] = set()
+    for file in Path(folder).glob("*.safetensors"):
+        with safe_open(file, "pt") as f:
+            saved.update(f.keys())
+    prefix = model.base_model_prefix + "."
+    # a checkpoint of the bare encoder stores its keys without the task model's prefix
+    return {n for n, _ in model.named_parameters() if n not in saved and n.removeprefix(prefix) not in saved}
+
+
+def has_pretraining_head(folder: str) -> bool:
+    """Whether the folder's own model class ends in a pre-training head (masked or causal LM)."""
+    from transformers import AutoConfig
+
+    archs = getattr(AutoConfig.from_pretrained(folder, trust_remote_code=False), "architectures", None) or []
+    return any(name.endswith(PRETRAINING_HEADS) for name in archs)
+
+
+def load_pretraining_model(folder: str, cfg: ModelConfig) -> PreTrainedModel:
+    """The checkpoint with its own pre-training head, to score a model that got a new task head."""
+    if not has_pretraining_head(folder):
+        raise ValueError(f"prune.objective=pretraining: {folder} was not saved with a pre-training head "
+                         "(masked or causal LM); use prune.objective=task")
+    return earlycrop.from_pretrained(folder, dtype=DTYPES[cfg.dtype], attn_implementation=cfg.attn_implementation).eval()
 
 
 def load_model_tokenizer(path: str):

@@ -31,7 +31,13 @@ from earlycrop.schedule import WeightDistanceRule
 from . import data as data_lib
 from .config import RunConfig
 from .distributed import check_same_on_all_ranks, score_sharded
-from .modeling import build_model, load_model_tokenizer
+from .modeling import (
+    build_model,
+    has_pretraining_head,
+    load_model_tokenizer,
+    load_pretraining_model,
+    new_parameter_names,
+)
 from .plots import plot_kept_units, plot_loss_curves, plot_scores
 from .tracking import create_tracker, flatten_config
 from .train import BlockSampler, Loop, TrainerState, evaluate, latest_checkpoint, load_trainer_state, train
@@ -130,6 +136,12 @@ def prepare_data(cfg: RunConfig, accelerator: Accelerator) -> Prepared:
     if cfg.model.task == "causal_lm":
         train_ds = data_lib.pack_causal_lm(train_docs, tokenizer, d.seq_len)
         val_ds = data_lib.pack_causal_lm(val_docs, tokenizer, d.seq_len)
+    elif cfg.model.task == "masked_lm":
+        train_ds, val_ds = (
+            datasets.Dataset.from_dict({k: v.tolist() for k, v in data_lib.mask_for_mlm(
+                _to_tensors(data_lib.pack_causal_lm(docs_, tokenizer, d.seq_len)), tokenizer, d.mlm_probability, seed).items()})
+            for docs_, seed in ((train_docs, cfg.seed), (val_docs, cfg.seed + 1))
+        )
     else:
         train_ds = data_lib.tokenize_classification(train_docs, tokenizer, d.seq_len)
         val_ds = data_lib.tokenize_classification(val_docs, tokenizer, d.seq_len)
@@ -169,7 +181,9 @@ def _tokenizer(cfg: RunConfig, accelerator: Accelerator, train_docs):
     folder = Path(cfg.output_dir) / "tokenizer"
     with accelerator.main_process_first():
         if accelerator.is_main_process:
-            data_lib.train_tokenizer(list(train_docs["text"]), cfg.data.vocab_size).save_pretrained(folder)
+            tokenizer = data_lib.train_tokenizer(list(train_docs["text"]), cfg.data.vocab_size,
+                                                 mask_token=cfg.model.task == "masked_lm")
+            tokenizer.save_pretrained(folder)
         return load_model_tokenizer(str(folder))
 
 
@@ -264,24 +278,63 @@ def _metadata(path: Path) -> dict[str, str]:
         return f.metadata() or {}
 
 
-def score_and_plan(cfg: RunConfig, accelerator: Accelerator, model, calibration, out: Path, reuse: bool) -> tuple[Scores, earlycrop.Plan]:
+def scoring_objective(cfg: RunConfig) -> str:
+    """`prune.objective` resolved: `auto` scores a pretrained model that got a new task head through the
+    checkpoint's own pre-training head (benchmarks/encoder_quality.py measured why), anything else with its task loss."""
+    if cfg.prune.objective != "auto":
+        return cfg.prune.objective
+    new_head = (cfg.model.name_or_path is not None and cfg.model.task == "sequence_classification"
+                and has_pretraining_head(cfg.model.name_or_path))
+    return "pretraining" if new_head else "task"
+
+
+def pretraining_scorer(cfg: RunConfig, model, calibration, tokenizer) -> tuple[torch.nn.Module, list[dict[str, torch.Tensor]]]:
+    """The checkpoint's pre-training model carrying `model`'s current encoder weights, and the calibration
+    text as pre-training batches (statically masked for a masked LM, shifted-token labels for a causal LM)."""
+    scorer = load_pretraining_model(cfg.model.name_or_path, cfg.model).to(next(model.parameters()).device)
+    missing, _ = scorer.base_model.load_state_dict(model.base_model.state_dict(), strict=False)
+    if missing:
+        raise ValueError(f"the task model's encoder does not match the checkpoint's pre-training model (missing {missing[:3]})")
+    ours = [(l.num_heads, l.intermediate_size) for l in earlycrop.get_adapter(model).layers(model)]
+    theirs = [(l.num_heads, l.intermediate_size) for l in earlycrop.get_adapter(scorer).layers(scorer)]
+    if ours != theirs:
+        raise ValueError(f"the checkpoint's pre-training model has other units ({theirs}) than the task model ({ours})")
+    batches = []
+    for i, batch in enumerate(calibration):
+        text = {k: batch[k] for k in ("input_ids", "attention_mask") if k in batch}
+        if type(scorer).__name__.endswith("ForMaskedLM"):
+            batches.append(data_lib.mask_for_mlm(text, tokenizer, cfg.data.mlm_probability, cfg.seed + 1000 + i))
+        else:
+            labels = text["input_ids"].masked_fill(text.get("attention_mask", torch.ones_like(text["input_ids"])) == 0, -100)
+            batches.append({**text, "labels": labels})
+    return scorer, batches
+
+
+def score_and_plan(cfg: RunConfig, accelerator: Accelerator, model, prepared: Prepared, out: Path, reuse: bool) -> tuple[Scores, earlycrop.Plan]:
     """Scores over all ranks' shards (or the saved ones when resuming), then the plan every rank agrees on."""
     scores_path = out / SCORES_FILE
+    objective = scoring_objective(cfg)
     provenance = {"criterion": cfg.prune.criterion, "hvp": cfg.prune.hvp, "fd_step": str(cfg.prune.fd_step),
                   "seed": str(cfg.seed), "source": cfg.data.source, "calibration_batches": str(cfg.prune.calibration_batches),
-                  "calibration_batch_size": str(cfg.prune.calibration_batch_size), "seq_len": str(cfg.data.seq_len)}
+                  "calibration_batch_size": str(cfg.prune.calibration_batch_size), "seq_len": str(cfg.data.seq_len),
+                  "objective": objective, "head_warmup_steps": str(cfg.train.head_warmup_steps)}
     if reuse and scores_path.is_file() and _metadata(scores_path) == provenance:
         scores = Scores.from_tensors(load_file(scores_path))
         accelerator.print(f"reusing scores from {scores_path}")
     else:
         criterion = earlycrop.make_criterion(cfg.prune.criterion, hvp=cfg.prune.hvp, fd_step=cfg.prune.fd_step, seed=cfg.seed)
-        scores = score_sharded(model, criterion, calibration, progress=accelerator.is_main_process)
+        scorer, calibration = model, prepared.calibration
+        if objective == "pretraining" and criterion.uses_data:
+            scorer, calibration = pretraining_scorer(cfg, model, calibration, prepared.tokenizer)
+            accelerator.print(f"scoring through the checkpoint's pre-training head ({type(scorer).__name__})")
+        scores = score_sharded(scorer, criterion, calibration, progress=accelerator.is_main_process)
+        del scorer
         if accelerator.is_main_process:
             tmp = scores_path.with_suffix(".tmp")
             save_file(scores.to_tensors(), tmp, metadata=provenance)
             os.replace(tmp, scores_path)
     if cfg.target is None:
-        plan = earlycrop.make_plan(model, scores, selection_config(cfg), meta={"criterion": cfg.prune.criterion})
+        plan = earlycrop.make_plan(model, scores, selection_config(cfg), meta={"criterion": cfg.prune.criterion, "objective": objective})
     else:
         fitted = fit_target(cfg, accelerator, model, scores)
         plan = fitted.plan
@@ -407,10 +460,44 @@ def _adam_into_deepspeed(engine, module, sliced: dict) -> None:
                 safe_set_full_optimizer_state(p, sliced[p][key].to(p.device, torch.float32), key)
 
 
+def warm_up_new_head(cfg: RunConfig, accelerator: Accelerator, model, prepared: Prepared, tracker) -> None:
+    """Train only the parameters the checkpoint lacks (a new task head), the encoder frozen, for
+    `train.head_warmup_steps` steps. Every rank runs the same steps on the same batches, so the head
+    (and the scores computed after it) is identical on every rank without communication."""
+    new = new_parameter_names(model, cfg.model.name_or_path)
+    if not new:
+        raise ValueError(f"train.head_warmup_steps: {cfg.model.name_or_path} already holds every parameter of the model "
+                         "(no new head to warm up); set train.head_warmup_steps=0")
+    model.to(accelerator.device)
+    params = [p for n, p in model.named_parameters() if n in new]
+    frozen = {n: p.requires_grad for n, p in model.named_parameters()}
+    for n, p in model.named_parameters():
+        p.requires_grad_(n in new)
+    optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    sampler = BlockSampler(prepared.train_blocks, cfg.train.micro_batch_size, 0, 1, cfg.seed + 1)
+    model.train()
+    losses = []
+    for step in range(cfg.train.head_warmup_steps):
+        batch = {k: v.to(accelerator.device) for k, v in sampler(step).items()}
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    for n, p in model.named_parameters():
+        p.requires_grad_(frozen[n])
+    tracker.log_metrics({"head_warmup_loss_first": losses[0], "head_warmup_loss_last": losses[-1]}, step=0)
+    accelerator.print(f"warmed up the new head ({len(params)} tensors, {cfg.train.head_warmup_steps} steps): "
+                      f"loss {losses[0]:.4f} → {losses[-1]:.4f}")
+
+
 def _run_stages(cfg, accelerator, model, prepared, tracker, timer, state, checkpoint, out, dense_params, resume, sparsity) -> dict:
     p = cfg.prune
     stage = zero_stage(accelerator)
     plan: earlycrop.Plan | None = None
+    if checkpoint is None and cfg.train.head_warmup_steps:
+        with timer("head_warmup"):
+            warm_up_new_head(cfg, accelerator, model, prepared, tracker)
     if checkpoint is not None and state.pruned_at is not None:
         # the checkpoint holds the pruned shape: rebuild it, then load_state fills the weights
         plan = earlycrop.Plan.load(out / PLAN_FILE)
@@ -418,7 +505,7 @@ def _run_stages(cfg, accelerator, model, prepared, tracker, timer, state, checkp
     elif p.prune_at == 0:
         model.to(accelerator.device)  # score on the GPU when there is one
         with timer("score"):
-            scores, plan = score_and_plan(cfg, accelerator, model, prepared.calibration, out, reuse=checkpoint is None and resume)
+            scores, plan = score_and_plan(cfg, accelerator, model, prepared, out, reuse=checkpoint is None and resume)
         report = target_report(cfg, accelerator, model, plan)
         dense_speed = measured_tokens_per_s(model, prepared.calibration[0]) if report else None
         with timer("prune"):
@@ -456,7 +543,7 @@ def _run_stages(cfg, accelerator, model, prepared, tracker, timer, state, checkp
         if not due:
             return model, optimizer, False
         with timer("score"):
-            scores, new_plan = score_and_plan(cfg, accelerator, unwrapped, prepared.calibration, out, reuse=resume)
+            scores, new_plan = score_and_plan(cfg, accelerator, unwrapped, prepared, out, reuse=resume)
         if stage is None:
             raw_optimizer = optimizer.optimizer
         else:

@@ -101,7 +101,8 @@ def evaluate(accelerator: Accelerator, model, blocks: dict[str, torch.Tensor], m
         start = (b * world + rank) * micro_batch
         batch = {k: v[start : start + micro_batch].to(device) for k, v in blocks.items()}
         out = model(**batch)
-        count = batch["labels"].numel() if out.logits.dim() == 3 else batch["labels"].shape[0]
+        # token losses average over the labelled positions (all of them, or the masked ones for a masked LM)
+        count = (batch["labels"] != -100).sum() if out.logits.dim() == 3 else batch["labels"].shape[0]
         totals[0] += out.loss.double() * count
         totals[1] += count
         if out.logits.dim() == 2:

@@ -1,0 +1,320 @@
+"""Quality, scenario 3 (issue 4): a PRETRAINED encoder gets a NEW, randomly initialised classification
+head and is pruned before fine-tuning. Which scoring keeps the pretrained features?
+
+A small BERT is pre-trained once with masked-LM on gensim's offline Wikipedia text
+(`configs/bert_pretrain_mlm.yaml`), then every variant fine-tunes it on 20 Newsgroups posts shipped with
+gensim (`configs/bert_prune_pretrained.yaml`: 140 training / 60 held-out posts, 2 classes), 50% of the
+heads and MLP neurons removed before fine-tuning. The variants differ only in how units are scored:
+
+- the task loss through the random new head (`objective: task`), at step 0 or after training the new head
+  alone for a while (`train.head_warmup_steps`, encoder frozen);
+- the checkpoint's own masked-LM loss on the task's text (`objective: pretraining`);
+- magnitude and random, with a global or per-layer (uniform) ranking.
+
+    python benchmarks/encoder_quality.py --quick        # smoke run: tiny pre-training, 3 variants, own folder
+    python benchmarks/encoder_quality.py                # pre-train once, then every variant × seed (resumable)
+    python benchmarks/encoder_quality.py --variants dense,magnitude-global --seeds 3,4
+    python benchmarks/encoder_quality.py --report       # the section of benchmarks/RESULTS.md
+
+Runs are appended to `<out>/results.jsonl` (a rerun skips what is there) and logged to one MLflow
+experiment in `<out>/mlflow.db`; each runs in a forked child, like benchmarks/quality.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import platform
+import shutil
+import statistics
+import sys
+import time
+import traceback
+from collections import defaultdict
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from quality import _ms  # noqa: E402
+from results_file import write_section  # noqa: E402
+
+PRETRAIN = ROOT / "configs" / "bert_pretrain_mlm.yaml"
+FINETUNE = ROOT / "configs" / "bert_prune_pretrained.yaml"
+SECTION = "## Quality: pretrained encoder + new head, pruned before fine-tuning (encoder_quality.py)"
+WARMUP = 40  # head-only steps: 2+ epochs of the 140 training posts at micro batch 8
+SEEDS = [0, 1, 2]
+
+# name → overrides of bert_prune_pretrained.yaml (50% of heads and MLP neurons removed unless dense)
+VARIANTS: dict[str, list[str]] = {
+    "dense": ["prune.prune_at=never"],
+    "dense + head warm-up": ["prune.prune_at=never", f"train.head_warmup_steps={WARMUP}"],
+    "dense, no pre-training": ["prune.prune_at=never"],  # the same encoder shape, randomly initialised
+    "magnitude, global": ["prune.criterion=magnitude", "prune.layout=global"],
+    "magnitude, uniform": ["prune.criterion=magnitude", "prune.layout=uniform"],
+    "random, uniform": ["prune.criterion=random", "prune.layout=uniform"],
+    "earlycrop, task head, global": ["prune.objective=task", "prune.layout=global"],
+    "earlycrop, task head, uniform": ["prune.objective=task", "prune.layout=uniform"],
+    "earlycrop, task head after warm-up, global": ["prune.objective=task", "prune.layout=global",
+                                                   f"train.head_warmup_steps={WARMUP}"],
+    "earlycrop, pretraining, global": ["prune.objective=pretraining", "prune.layout=global"],
+    "earlycrop, pretraining, uniform": ["prune.objective=pretraining", "prune.layout=uniform"],
+    "snip, task head, global": ["prune.criterion=snip", "prune.objective=task", "prune.layout=global"],
+    "snip, pretraining, global": ["prune.criterion=snip", "prune.objective=pretraining", "prune.layout=global"],
+    "fisher, pretraining, global": ["prune.criterion=fisher", "prune.objective=pretraining", "prune.layout=global"],
+}
+QUICK_VARIANTS = ["dense", "magnitude, global", "earlycrop, pretraining, global"]
+QUICK_PRETRAIN = ["train.max_steps=20", "train.warmup_steps=2", "train.eval_every=10", "train.eval_batches=2"]
+QUICK_FINETUNE = ["train.max_steps=10", "train.eval_every=5", "train.eval_batches=2", "prune.calibration_batches=2"]
+
+
+def slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in name).strip("-").replace("--", "-")
+
+
+def _tracking(out: Path, run_name: str, quick: bool) -> list[str]:
+    return [f"tracking_uri=sqlite:///{(out / 'mlflow.db').resolve()}", f"run_name={run_name}",
+            f"experiment=earlycrop-encoder-quality{'-quick' if quick else ''}"]
+
+
+def _history(info: dict, names: tuple[str, ...]) -> dict[str, list]:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=info["tracking_uri"])
+    start = client.get_run(info["run_id"]).info.start_time
+    out = {}
+    for name in names:
+        points = {m.step: (m.step, m.value, (m.timestamp - start) / 1000.0) for m in client.get_metric_history(info["run_id"], name)}
+        out[name] = sorted(points.values())
+    return out
+
+
+def _pretrain_child(out: str, quick: bool) -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    from pipeline.config import load_config
+    from pipeline.run import run
+
+    folder = Path(out) / "pretrain"
+    cfg = load_config(PRETRAIN, [f"output_dir={folder}", "train.checkpoint_every=0", *_tracking(Path(out), "pretrain", quick),
+                                 *(QUICK_PRETRAIN if quick else [])])
+    run(cfg)
+
+
+def _finetune_child(variant: str, seed: int, out: str, quick: bool, result_path: str) -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    from pipeline.config import load_config
+    from pipeline.run import run
+
+    out = Path(out)
+    key = f"{slug(variant)}-s{seed}"
+    overrides = [f"seed={seed}", f"output_dir={out / 'runs' / key}", f"model.name_or_path={out / 'pretrain' / 'model'}",
+                 *_tracking(out, key, quick), *VARIANTS[variant], *(QUICK_FINETUNE if quick else [])]
+    if variant == "dense, no pre-training":
+        init = json.loads((out / "pretrain" / "model" / "config.json").read_text())
+        shape = {k: init[k] for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                                      "max_position_embeddings", "vocab_size")}
+        overrides += ["model.name_or_path=null", "model.family=bert", f"model.init={json.dumps(shape)}",
+                      f"data.tokenizer={out / 'pretrain' / 'model'}"]
+    cfg = load_config(FINETUNE, overrides)
+    t0 = time.time()
+    summary = run(cfg)
+    wall = time.time() - t0
+    run_dir = Path(cfg.output_dir)
+    info = json.loads((run_dir / "run_info.json").read_text())
+    counts = None
+    if (run_dir / "plan.json").is_file():
+        import earlycrop
+
+        plan = earlycrop.Plan.load(run_dir / "plan.json")
+        c = plan.counts()
+        counts = {"heads": list(c["heads"]), "neurons": list(c["neurons"]), "dense_heads": list(plan.dense_heads),
+                  "dense_neurons": list(plan.dense_neurons), "objective": plan.meta.get("objective")}
+    record = {"variant": variant, "seed": seed, "key": key, "quick": quick, "summary": summary, "wall_s": wall,
+              "mlflow_run_id": info["run_id"], "history": _history(info, ("val_loss", "val_accuracy")), "counts": counts,
+              "finished_at": time.strftime("%Y-%m-%d %H:%M:%S")}
+    Path(result_path).write_text(json.dumps(record))
+
+
+def _safe(target, out: str, label: str, *args) -> None:
+    try:
+        target(*args)
+    except BaseException:
+        with (Path(out) / "failures.log").open("a") as f:
+            f.write(f"--- {label} {time.strftime('%Y-%m-%d %H:%M:%S')}\n{traceback.format_exc()}\n")
+        raise
+
+
+def load_results(out: Path) -> list[dict]:
+    path = out / "results.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+def sweep(args) -> None:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    ctx = mp.get_context("fork")
+    if not (out / "pretrain" / "summary.json").is_file():
+        print("pre-training the encoder (masked LM on gensim:wiki) ...", flush=True)
+        shutil.rmtree(out / "pretrain", ignore_errors=True)
+        proc = ctx.Process(target=_safe, args=(_pretrain_child, str(out), "pretrain", str(out), args.quick))
+        proc.start()
+        proc.join()
+        if proc.exitcode != 0:
+            raise SystemExit(f"pre-training failed; see {out / 'failures.log'}")
+    pre = json.loads((out / "pretrain" / "summary.json").read_text())
+    print(f"encoder: masked-LM val loss {pre['val_loss']:.3f} after {pre['steps']} steps", flush=True)
+    done = {r["key"] for r in load_results(out)}
+    variants = args.variants or (QUICK_VARIANTS if args.quick else list(VARIANTS))
+    todo = [(v, s) for s in (args.seeds or ([0] if args.quick else SEEDS)) for v in variants if f"{slug(v)}-s{s}" not in done]
+    print(f"{len(done)} runs already in {out / 'results.jsonl'}; {len(todo)} to run", flush=True)
+    for i, (variant, seed) in enumerate(todo, 1):
+        key = f"{slug(variant)}-s{seed}"
+        shutil.rmtree(out / "runs" / key, ignore_errors=True)
+        result_path = out / f".{key}.result.json"
+        result_path.unlink(missing_ok=True)
+        print(f"[{i}/{len(todo)}] {key} ...", flush=True)
+        proc = ctx.Process(target=_safe, args=(_finetune_child, str(out), key, variant, seed, str(out), args.quick, str(result_path)))
+        proc.start()
+        proc.join()
+        if proc.exitcode != 0 or not result_path.is_file():
+            print(f"    FAILED (exit {proc.exitcode}); see {out / 'failures.log'}", flush=True)
+            continue
+        record = json.loads(result_path.read_text())
+        result_path.unlink()
+        with (out / "results.jsonl").open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        s = record["summary"]
+        print(f"    val accuracy {s['val_accuracy']:.3f} loss {s['val_loss']:.4f} params {s['params_final']:,} "
+              f"({record['wall_s']:.0f} s)", flush=True)
+
+
+# ----------------------------------------------------------------------------------------- report
+
+
+def report(args) -> None:
+    out = Path(args.out)
+    results = [r for r in load_results(out) if r["quick"] == args.quick]
+    if not results:
+        raise SystemExit(f"no results in {out / 'results.jsonl'}")
+    by = defaultdict(list)
+    for r in results:
+        by[r["variant"]].append(r)
+    dense = {r["seed"]: r for r in by.get("dense", [])}
+    pre = json.loads((out / "pretrain" / "summary.json").read_text())
+    rows, deltas = [], {}
+    for variant in [v for v in VARIANTS if v in by]:
+        rs = sorted(by[variant], key=lambda r: r["seed"])
+        acc = [r["summary"]["val_accuracy"] for r in rs]
+        loss = [r["summary"]["val_loss"] for r in rs]
+        d_acc = [r["summary"]["val_accuracy"] - dense[r["seed"]]["summary"]["val_accuracy"] for r in rs if r["seed"] in dense]
+        d_loss = [r["summary"]["val_loss"] - dense[r["seed"]]["summary"]["val_loss"] for r in rs if r["seed"] in dense]
+        deltas[variant] = d_acc
+        c = rs[0]["counts"]
+        kept = "–" if c is None else f"heads {c['heads']}, MLP {c['neurons']}"
+        rows.append(f"| {variant} | {','.join(str(r['seed']) for r in rs)} | {_ms(acc)} | "
+                    f"{_ms(d_acc, '{:+.3f}') if variant != 'dense' else '–'} | {_ms(loss)} | "
+                    f"{_ms(d_loss, '{:+.3f}') if variant != 'dense' else '–'} | "
+                    f"{statistics.mean(r['summary']['params_final'] for r in rs):,.0f} | {kept} | "
+                    f"{statistics.mean(r['wall_s'] for r in rs):.0f} |")
+    steps = results[0]["summary"]["steps"]
+    lines = [SECTION, "",
+             "Command: `python benchmarks/encoder_quality.py` then `python benchmarks/encoder_quality.py --report`"
+             + (" (`--quick`: smoke numbers, meaningless as quality)" if args.quick else "") + ".",
+             f"Report written {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; runs in `{out}`. Machine: "
+             f"{platform.machine()}, 2 logical cores shared with other jobs, one thread per run; no GPU.",
+             "",
+             f"**Setup.** Encoder: `configs/bert_pretrain_mlm.yaml` (BERT, hidden 128, 4 layers × 4 heads, MLP 512, "
+             f"byte-level BPE of 2,048 tokens), masked-LM pre-trained on gensim:wiki for {pre['steps']} steps × 8 × 128 "
+             f"tokens; held-out masked-LM loss {pre['val_loss']:.3f} (perplexity {pre['val_perplexity']:.0f}; a uniform "
+             "guess is ln 2048 = 7.62). Fine-tuning: `configs/bert_prune_pretrained.yaml` (20 Newsgroups alt.atheism vs "
+             f"sci.space, 140 training / 60 held-out posts split by the seed, posts cut to 128 tokens, {steps} steps × 8, "
+             "lr 5e-4), the saved encoder with a NEW random pooler + classifier. 50% of heads and of MLP neurons removed "
+             f"before fine-tuning (`prune_at: 0`). Head warm-up: {WARMUP} steps training only the new pooler + "
+             "classifier (encoder frozen) before scoring; the warmed head is kept for fine-tuning. Scoring: 4 calibration "
+             "batches of 8 posts from the training split; `objective: pretraining` masks 15% of their tokens and scores "
+             "through the checkpoint's masked-LM head. Δ pairs each run with the dense run of the same seed (same split, "
+             "same head initialisation).",
+             "",
+             "| variant | seeds | val accuracy | Δ accuracy vs dense | val loss | Δ loss vs dense | params | kept per layer (first seed) | wall s |",
+             "|---|---|---:|---:|---:|---:|---:|---|---:|", *rows, ""]
+    lines += _verdicts(deltas)
+    made = _plot(by, Path(args.plots), args.quick)
+    lines += [f"![{m.stem}](plots/{m.name})" for m in made] + [""]
+    text = "\n".join(lines).rstrip() + "\n"
+    if args.extra:
+        text += "\n" + Path(args.extra).read_text().rstrip() + "\n"
+    write_section(Path(args.results), SECTION, text)
+    print(text)
+
+
+def _verdicts(deltas: dict[str, list[float]]) -> list[str]:
+    """Each pruned variant against global magnitude (the baseline to beat), by paired Δ accuracy vs dense."""
+    ref = deltas.get("magnitude, global")
+    out = ["**Against global magnitude (computed from the table: difference of mean paired Δ accuracy; "
+           "'beyond noise' = larger than the larger seed std).**", ""]
+    if not ref or len(ref) < 2:
+        return out + ["- not enough magnitude runs for a verdict", ""]
+    noise_ref = statistics.stdev(ref)
+    for variant, d in deltas.items():
+        if variant in ("dense", "magnitude, global") or variant.startswith("dense") or len(d) < 2:
+            continue
+        diff = statistics.mean(d) - statistics.mean(ref)
+        noise = max(noise_ref, statistics.stdev(d))
+        verdict = "better" if diff > noise else "WORSE" if diff < -noise else "within seed noise"
+        out.append(f"- {variant}: {diff:+.3f} accuracy vs global magnitude (noise {noise:.3f}, n={len(d)}/{len(ref)}): {verdict}.")
+    return out + [""]
+
+
+def _plot(by, plots: Path, quick: bool) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plots.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for variant, rs in by.items():
+        curves = [dict((s, v) for s, v, _ in r["history"]["val_accuracy"]) for r in rs]
+        steps = sorted(set.intersection(*(set(c) for c in curves)))
+        ax.plot(steps, [statistics.mean(c[s] for c in curves) for s in steps], marker="o", markersize=3,
+                linestyle="--" if variant.startswith("dense") else "-", label=f"{variant} (n={len(rs)})")
+    ax.set_xlabel("fine-tuning step")
+    ax.set_ylabel("held-out accuracy (mean over seeds)")
+    ax.legend(fontsize=6, ncol=2)
+    ax.set_title("Pretrained encoder + new head, 50% of heads and MLP removed before fine-tuning")
+    fig.tight_layout()
+    path = plots / f"encoder_accuracy_curves{'_quick' if quick else ''}.png"
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return [path]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=None, help="folder (default runs/encoder, or runs/encoder-quick with --quick)")
+    ap.add_argument("--quick", action="store_true", help="smoke run: 20 pre-training steps, 3 variants of 10 steps")
+    ap.add_argument("--variants", type=lambda s: s.split(";"), default=None,
+                    help=f"';'-separated variant names, from: {'; '.join(VARIANTS)}")
+    ap.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=None, help="default 0,1,2")
+    ap.add_argument("--report", action="store_true", help="write the RESULTS.md section from results.jsonl")
+    ap.add_argument("--results", default=str(ROOT / "benchmarks" / "RESULTS.md"))
+    ap.add_argument("--plots", default=str(ROOT / "benchmarks" / "plots"))
+    ap.add_argument("--extra", default=None, help="a markdown file appended to the section (hand-written notes)")
+    args = ap.parse_args()
+    if args.variants:
+        unknown = [v for v in args.variants if v not in VARIANTS]
+        if unknown:
+            ap.error(f"unknown variants {unknown}; choose from: {'; '.join(VARIANTS)}")
+    args.out = args.out or str(ROOT / "runs" / ("encoder-quick" if args.quick else "encoder"))
+    report(args) if args.report else sweep(args)
+
+
+if __name__ == "__main__":
+    main()
