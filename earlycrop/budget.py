@@ -52,7 +52,6 @@ from __future__ import annotations
 import copy
 import math
 import re
-import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
@@ -173,33 +172,8 @@ class Budget:
 
 
 def model_shape(model: nn.Module | ModelShape) -> ModelShape:
-    """`ModelShape.from_model`, also right for models built on the meta device.
-
-    On meta every tensor reports `data_ptr() == 0`, so `from_model`'s data-pointer test would call an untied output
-    matrix tied; here tying is decided by identity on meta models and the parameter count checked again."""
-    if isinstance(model, ModelShape):
-        return model
-    meta = any(p.is_meta for p in model.parameters())
-    if not meta:
-        return ModelShape.from_model(model)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        shape = ModelShape.from_model(model)
-    embed, output = model.get_input_embeddings(), model.get_output_embeddings()
-    if shape.tied_embeddings and output is not None and output.weight is not embed.weight:
-        shape = replace(shape, tied_embeddings=False, other_params=0)
-        real = sum(p.numel() for p in model.parameters())
-        missing = real - shape.num_params()
-        if missing < 0:
-            raise ValueError(f"the shape implies {shape.num_params():,} parameters but the model has {real:,}")
-        if missing:
-            shape = replace(shape, other_params=missing)
-    if shape.other_params:
-        warnings.warn(
-            f"{shape.other_params:,} parameters of this {type(model).__name__} are not described structurally",
-            stacklevel=2,
-        )
-    return shape
+    """The model's `ModelShape` (models built on the meta device included); a shape passes through."""
+    return model if isinstance(model, ModelShape) else ModelShape.from_model(model)
 
 
 def model_skeleton(path: str | Path, *, task: str | None = None, num_labels: int | None = None) -> nn.Module:

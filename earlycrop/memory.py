@@ -477,7 +477,9 @@ def _head_facts(model: nn.Module, transform_if_lm: bool) -> dict:
         return dict(
             head=kind,
             head_transform=transform_if_lm,
-            tied_embeddings=output.weight is embed.weight or output.weight.data_ptr() == embed.weight.data_ptr(),
+            # on the meta device every data_ptr() is 0: only identity can tell tied from untied there
+            tied_embeddings=output.weight is embed.weight
+            or (not output.weight.is_meta and output.weight.data_ptr() == embed.weight.data_ptr()),
             output_bias=getattr(output, "bias", None) is not None,
             loss_fp32=kind == "causal_lm",
         )

@@ -30,7 +30,6 @@ class ModelConfig(_Strict):
     init: dict[str, Any] = Field(default_factory=dict)
     attn_implementation: Literal["eager", "sdpa"] = "sdpa"
     dtype: Literal["float32", "bfloat16", "float64"] = "float32"
-    trust_remote_code: bool = False
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelConfig:

@@ -71,7 +71,7 @@ def _reload_for_classification(cfg: ModelConfig, model: PreTrainedModel) -> PreT
         raise ValueError("attaching a classification head to a head-pruned BERT/GPT-2 folder is not supported; prune after loading")
     return AutoModelForSequenceClassification.from_pretrained(
         cfg.name_or_path, num_labels=cfg.num_labels, dtype=DTYPES[cfg.dtype],
-        attn_implementation=cfg.attn_implementation, trust_remote_code=cfg.trust_remote_code,
+        attn_implementation=cfg.attn_implementation, trust_remote_code=False,
     )
 
 

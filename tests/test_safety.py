@@ -63,16 +63,15 @@ def test_no_unsafe_unpickling_in_shipped_code():
     assert not offenders, "unpickling outside weights_only / the restricted gensim unpickler:\n" + "\n".join(offenders)
 
 
-def test_remote_code_only_when_the_config_asks():
-    """`trust_remote_code` is never a literal True; where it is passed, it is False or the config's own field."""
+def test_remote_code_never_runs():
+    """Wherever `trust_remote_code` is passed it is False, and no config can switch it on."""
     for path in _files(SHIPPED, ".py"):
         for value in re.findall(r"trust_remote_code\s*=\s*([\w.]+)", path.read_text()):
-            assert value in ("False", "cfg.trust_remote_code"), f"{path.relative_to(ROOT)}: trust_remote_code={value}"
-    for path in _files([ROOT / "configs"], ".yaml"):
-        assert not re.search(r"trust_remote_code:\s*true", path.read_text(), re.I), path.name
+            assert value == "False", f"{path.relative_to(ROOT)}: trust_remote_code={value}"
     from pipeline.config import ModelConfig
 
-    assert ModelConfig(family="llama").trust_remote_code is False
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        ModelConfig(family="llama", trust_remote_code=True)
 
 
 def test_mlflow_server_commands_bind_to_loopback():
