@@ -39,12 +39,19 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from quality import _ms  # noqa: E402
+from quality import REGIME, _ms  # noqa: E402
 from results_file import write_section  # noqa: E402
 
-PRETRAIN = ROOT / "configs" / "bert_pretrain_mlm.yaml"
 FINETUNE = ROOT / "configs" / "bert_prune_pretrained.yaml"
-SECTION = "## Quality: pretrained encoder + new head, pruned before fine-tuning (encoder_quality.py)"
+# the pre-trained model: its config, overrides, and the config.json keys that rebuild its shape from scratch
+BASES = {
+    "bert": (ROOT / "configs" / "bert_pretrain_mlm.yaml", [],
+             ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "max_position_embeddings", "vocab_size")),
+    # the dense model of benchmarks/quality.py (causal LM on gensim:wiki), used as a pretrained decoder
+    "llama": (ROOT / "configs" / "quickstart.yaml", [*REGIME, "prune.prune_at=never"],
+              ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+               "max_position_embeddings", "vocab_size", "tie_word_embeddings")),
+}
 WARMUP = 40  # head-only steps: 2+ epochs of the 140 training posts at micro batch 8
 SEEDS = [0, 1, 2]
 
@@ -92,7 +99,18 @@ def _history(info: dict, names: tuple[str, ...]) -> dict[str, list]:
     return out
 
 
-def _pretrain_child(out: str, quick: bool) -> None:
+DESCRIBE = {
+    "bert": "`configs/bert_pretrain_mlm.yaml` (BERT, hidden 128, 4 layers × 4 heads, MLP 512, masked LM, 8 × 128 tokens a step)",
+    "llama": "the dense model of benchmarks/quality.py (Llama, hidden 128, 4 layers × 8 query / 2 KV heads, MLP 352, causal LM, "
+             "8 × 128 tokens a step)",
+}
+
+
+def _section(base: str) -> str:
+    return f"## Quality: pretrained {base} + new head, pruned before fine-tuning (encoder_quality.py)"
+
+
+def _pretrain_child(out: str, quick: bool, base: str) -> None:
     import torch
 
     torch.set_num_threads(1)
@@ -100,12 +118,13 @@ def _pretrain_child(out: str, quick: bool) -> None:
     from pipeline.run import run
 
     folder = Path(out) / "pretrain"
-    cfg = load_config(PRETRAIN, [f"output_dir={folder}", "train.checkpoint_every=0", *_tracking(Path(out), "pretrain", quick),
-                                 *(QUICK_PRETRAIN if quick else [])])
+    config, extra, _ = BASES[base]
+    cfg = load_config(config, [*extra, f"output_dir={folder}", "train.checkpoint_every=0", *_tracking(Path(out), "pretrain", quick),
+                               *(QUICK_PRETRAIN if quick else [])])
     run(cfg)
 
 
-def _finetune_child(variant: str, seed: int, out: str, quick: bool, result_path: str) -> None:
+def _finetune_child(variant: str, seed: int, out: str, quick: bool, result_path: str, base: str) -> None:
     import torch
 
     torch.set_num_threads(1)
@@ -118,9 +137,8 @@ def _finetune_child(variant: str, seed: int, out: str, quick: bool, result_path:
                  *_tracking(out, key, quick), *VARIANTS[variant], *(QUICK_FINETUNE if quick else [])]
     if variant == "dense, no pre-training":
         init = json.loads((out / "pretrain" / "model" / "config.json").read_text())
-        shape = {k: init[k] for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-                                      "max_position_embeddings", "vocab_size")}
-        overrides += ["model.name_or_path=null", "model.family=bert", f"model.init={json.dumps(shape)}",
+        shape = {k: init[k] for k in BASES[base][2]}
+        overrides += ["model.name_or_path=null", f"model.family={base}", f"model.init={json.dumps(shape)}",
                       f"data.tokenizer={out / 'pretrain' / 'model'}"]
     cfg = load_config(FINETUNE, overrides)
     t0 = time.time()
@@ -136,10 +154,37 @@ def _finetune_child(variant: str, seed: int, out: str, quick: bool, result_path:
         c = plan.counts()
         counts = {"heads": list(c["heads"]), "neurons": list(c["neurons"]), "dense_heads": list(plan.dense_heads),
                   "dense_neurons": list(plan.dense_neurons), "objective": plan.meta.get("objective")}
+    retained = None if variant == "dense, no pre-training" else _pretraining_loss(out / "pretrain", run_dir / "plan.json" if counts else None)
     record = {"variant": variant, "seed": seed, "key": key, "quick": quick, "summary": summary, "wall_s": wall,
+              "pretraining_loss_after_prune": retained,
               "mlflow_run_id": info["run_id"], "history": _history(info, ("val_loss", "val_accuracy")), "counts": counts,
               "finished_at": time.strftime("%Y-%m-%d %H:%M:%S")}
     Path(result_path).write_text(json.dumps(record))
+
+
+def _pretraining_loss(pretrain: Path, plan_path: Path | None, batches: int = 8) -> float:
+    """The pretrained model's own held-out loss (its pre-training objective) with the plan applied and no
+    fine-tuning: how much of what pre-training learned survives the cut, whatever the tiny task says."""
+    import torch
+
+    import earlycrop
+    from pipeline import data as data_lib
+    from pipeline.config import load_config
+    from pipeline.modeling import load_model_tokenizer
+
+    model = earlycrop.from_pretrained(pretrain / "model", attn_implementation="eager").eval()
+    if plan_path is not None:
+        earlycrop.prune(model, earlycrop.Plan.load(plan_path))
+    tokenizer = load_model_tokenizer(str(pretrain / "model"))
+    _, val_docs = data_lib.split_documents(data_lib.load_documents("gensim:wiki"), 0.05, 0)
+    blocks = {"input_ids": torch.tensor(data_lib.pack_causal_lm(val_docs, tokenizer, 128)["input_ids"][: batches * 8])}
+    if type(model).__name__.endswith("ForMaskedLM"):
+        blocks = data_lib.mask_for_mlm(blocks, tokenizer, 0.15, seed=1)
+    else:
+        blocks["labels"] = blocks["input_ids"]
+    with torch.no_grad():
+        losses = [model(**{k: v[i : i + 8] for k, v in blocks.items()}).loss.item() for i in range(0, len(blocks["input_ids"]), 8)]
+    return sum(losses) / len(losses)
 
 
 def _safe(target, out: str, label: str, *args) -> None:
@@ -160,16 +205,18 @@ def sweep(args) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     ctx = mp.get_context("fork")
+    if args.pretrained and not (out / "pretrain" / "summary.json").is_file():
+        shutil.copytree(args.pretrained, out / "pretrain", dirs_exist_ok=True)
     if not (out / "pretrain" / "summary.json").is_file():
-        print("pre-training the encoder (masked LM on gensim:wiki) ...", flush=True)
+        print(f"pre-training the {args.base} model on gensim:wiki ...", flush=True)
         shutil.rmtree(out / "pretrain", ignore_errors=True)
-        proc = ctx.Process(target=_safe, args=(_pretrain_child, str(out), "pretrain", str(out), args.quick))
+        proc = ctx.Process(target=_safe, args=(_pretrain_child, str(out), "pretrain", str(out), args.quick, args.base))
         proc.start()
         proc.join()
         if proc.exitcode != 0:
             raise SystemExit(f"pre-training failed; see {out / 'failures.log'}")
     pre = json.loads((out / "pretrain" / "summary.json").read_text())
-    print(f"encoder: masked-LM val loss {pre['val_loss']:.3f} after {pre['steps']} steps", flush=True)
+    print(f"pretrained {args.base}: val loss {pre['val_loss']:.3f} after {pre['steps']} steps", flush=True)
     done = {r["key"] for r in load_results(out)}
     variants = args.variants or (QUICK_VARIANTS if args.quick else list(VARIANTS))
     todo = [(v, s) for s in (args.seeds or ([0] if args.quick else SEEDS)) for v in variants if f"{slug(v)}-s{s}" not in done]
@@ -180,7 +227,7 @@ def sweep(args) -> None:
         result_path = out / f".{key}.result.json"
         result_path.unlink(missing_ok=True)
         print(f"[{i}/{len(todo)}] {key} ...", flush=True)
-        proc = ctx.Process(target=_safe, args=(_finetune_child, str(out), key, variant, seed, str(out), args.quick, str(result_path)))
+        proc = ctx.Process(target=_safe, args=(_finetune_child, str(out), key, variant, seed, str(out), args.quick, str(result_path), args.base))
         proc.start()
         proc.join()
         if proc.exitcode != 0 or not result_path.is_file():
@@ -216,41 +263,44 @@ def report(args) -> None:
         d_acc = [r["summary"]["val_accuracy"] - dense[r["seed"]]["summary"]["val_accuracy"] for r in rs if r["seed"] in dense]
         d_loss = [r["summary"]["val_loss"] - dense[r["seed"]]["summary"]["val_loss"] for r in rs if r["seed"] in dense]
         deltas[variant] = d_acc
+        kept_lm = [r["pretraining_loss_after_prune"] for r in rs if r.get("pretraining_loss_after_prune") is not None]
         c = rs[0]["counts"]
         kept = "–" if c is None else f"heads {c['heads']}, MLP {c['neurons']}"
         rows.append(f"| {variant} | {','.join(str(r['seed']) for r in rs)} | {_ms(acc)} | "
                     f"{_ms(d_acc, '{:+.3f}') if variant != 'dense' else '–'} | {_ms(loss)} | "
-                    f"{_ms(d_loss, '{:+.3f}') if variant != 'dense' else '–'} | "
+                    f"{_ms(d_loss, '{:+.3f}') if variant != 'dense' else '–'} | {_ms(kept_lm) if kept_lm else '–'} | "
                     f"{statistics.mean(r['summary']['params_final'] for r in rs):,.0f} | {kept} | "
                     f"{statistics.mean(r['wall_s'] for r in rs):.0f} |")
     steps = results[0]["summary"]["steps"]
-    lines = [SECTION, "",
+    lines = [_section(args.base), "",
              "Command: `python benchmarks/encoder_quality.py` then `python benchmarks/encoder_quality.py --report`"
              + (" (`--quick`: smoke numbers, meaningless as quality)" if args.quick else "") + ".",
              f"Report written {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; runs in `{out}`. Machine: "
              f"{platform.machine()}, 2 logical cores shared with other jobs, one thread per run; no GPU.",
              "",
-             f"**Setup.** Encoder: `configs/bert_pretrain_mlm.yaml` (BERT, hidden 128, 4 layers × 4 heads, MLP 512, "
-             f"byte-level BPE of 2,048 tokens), masked-LM pre-trained on gensim:wiki for {pre['steps']} steps × 8 × 128 "
-             f"tokens; held-out masked-LM loss {pre['val_loss']:.3f} (perplexity {pre['val_perplexity']:.0f}; a uniform "
-             "guess is ln 2048 = 7.62). Fine-tuning: `configs/bert_prune_pretrained.yaml` (20 Newsgroups alt.atheism vs "
+             f"**Setup.** Pretrained model: {DESCRIBE[args.base]}, trained on gensim:wiki for {pre['steps']} steps; held-out "
+             f"loss {pre['val_loss']:.3f} (perplexity {pre['val_perplexity']:.0f}; a uniform guess over the 2,048-token "
+             "vocabulary is ln 2048 = 7.62, the unigram frequencies give about 6.4-6.5). Fine-tuning: "
+             "`configs/bert_prune_pretrained.yaml` with `model.name_or_path` at that model (20 Newsgroups alt.atheism vs "
              f"sci.space, 140 training / 60 held-out posts split by the seed, posts cut to 128 tokens, {steps} steps × 8, "
-             "lr 5e-4), the saved encoder with a NEW random pooler + classifier. 50% of heads and of MLP neurons removed "
-             f"before fine-tuning (`prune_at: 0`). Head warm-up: {WARMUP} steps training only the new pooler + "
-             "classifier (encoder frozen) before scoring; the warmed head is kept for fine-tuning. Scoring: 4 calibration "
-             "batches of 8 posts from the training split; `objective: pretraining` masks 15% of their tokens and scores "
-             "through the checkpoint's masked-LM head. Δ pairs each run with the dense run of the same seed (same split, "
-             "same head initialisation).",
+             "lr 5e-4), with a NEW randomly initialised classification head. 50% of heads and of MLP neurons removed "
+             f"before fine-tuning (`prune_at: 0`). Head warm-up: {WARMUP} steps training only the new head (the rest "
+             "frozen) before scoring; the warmed head is kept for fine-tuning. Scoring: 4 calibration batches of 8 posts "
+             "from the training split; `objective: pretraining` scores the same posts through the checkpoint's own "
+             "pre-training head (masked LM: 15% of tokens masked; causal LM: next-token loss). Δ pairs each run with the "
+             "dense run of the same seed (same split, same head initialisation). \"Pre-training loss after the cut\": the "
+             "pretrained model's own objective on 64 held-out Wikipedia blocks with the run's plan applied and no "
+             "fine-tuning (dense rows: nothing cut): how much of what pre-training learned each scoring keeps.",
              "",
-             "| variant | seeds | val accuracy | Δ accuracy vs dense | val loss | Δ loss vs dense | params | kept per layer (first seed) | wall s |",
-             "|---|---|---:|---:|---:|---:|---:|---|---:|", *rows, ""]
+             "| variant | seeds | val accuracy | Δ accuracy vs dense | val loss | Δ loss vs dense | pre-training loss after the cut | params | kept per layer (first seed) | wall s |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---|---:|", *rows, ""]
     lines += _verdicts(deltas)
-    made = _plot(by, Path(args.plots), args.quick)
+    made = _plot(by, Path(args.plots), args.quick, args.base)
     lines += [f"![{m.stem}](plots/{m.name})" for m in made] + [""]
     text = "\n".join(lines).rstrip() + "\n"
     if args.extra:
         text += "\n" + Path(args.extra).read_text().rstrip() + "\n"
-    write_section(Path(args.results), SECTION, text)
+    write_section(Path(args.results), _section(args.base), text)
     print(text)
 
 
@@ -272,7 +322,7 @@ def _verdicts(deltas: dict[str, list[float]]) -> list[str]:
     return out + [""]
 
 
-def _plot(by, plots: Path, quick: bool) -> list[Path]:
+def _plot(by, plots: Path, quick: bool, base: str) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -288,9 +338,9 @@ def _plot(by, plots: Path, quick: bool) -> list[Path]:
     ax.set_xlabel("fine-tuning step")
     ax.set_ylabel("held-out accuracy (mean over seeds)")
     ax.legend(fontsize=6, ncol=2)
-    ax.set_title("Pretrained encoder + new head, 50% of heads and MLP removed before fine-tuning")
+    ax.set_title(f"Pretrained {base} + new head, 50% of heads and MLP removed before fine-tuning")
     fig.tight_layout()
-    path = plots / f"encoder_accuracy_curves{'_quick' if quick else ''}.png"
+    path = plots / f"encoder_{base}_accuracy_curves{'_quick' if quick else ''}.png"
     fig.savefig(path, dpi=80)
     plt.close(fig)
     return [path]
@@ -298,11 +348,17 @@ def _plot(by, plots: Path, quick: bool) -> list[Path]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default=None, help="folder (default runs/encoder, or runs/encoder-quick with --quick)")
+    ap.add_argument("--base", default="bert", choices=list(BASES),
+                    help="the pretrained model: bert (masked LM, configs/bert_pretrain_mlm.yaml) or llama (causal LM, "
+                         "the dense model of benchmarks/quality.py)")
+    ap.add_argument("--out", default=None, help="folder (default runs/encoder-BASE, or runs/encoder-BASE-quick with --quick)")
     ap.add_argument("--quick", action="store_true", help="smoke run: 20 pre-training steps, 3 variants of 10 steps")
     ap.add_argument("--variants", type=lambda s: s.split(";"), default=None,
                     help=f"';'-separated variant names, from: {'; '.join(VARIANTS)}")
     ap.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=None, help="default 0,1,2")
+    ap.add_argument("--pretrained", default=None,
+                    help="reuse a finished pre-training run folder (model/ + summary.json) made with the same config, "
+                         "e.g. runs/quality/runs/dense-s0 for --base llama")
     ap.add_argument("--report", action="store_true", help="write the RESULTS.md section from results.jsonl")
     ap.add_argument("--results", default=str(ROOT / "benchmarks" / "RESULTS.md"))
     ap.add_argument("--plots", default=str(ROOT / "benchmarks" / "plots"))
@@ -312,7 +368,7 @@ def main() -> None:
         unknown = [v for v in args.variants if v not in VARIANTS]
         if unknown:
             ap.error(f"unknown variants {unknown}; choose from: {'; '.join(VARIANTS)}")
-    args.out = args.out or str(ROOT / "runs" / ("encoder-quick" if args.quick else "encoder"))
+    args.out = args.out or str(ROOT / "runs" / f"encoder-{args.base}{'-quick' if args.quick else ''}")
     report(args) if args.report else sweep(args)
 
 

@@ -40,8 +40,10 @@ def check_model_folder(path: str) -> None:
         raise FileNotFoundError(f"model folder {folder} has no *.safetensors weights (only safetensors are loaded)")
 
 
-def build_model(cfg: ModelConfig, vocab_size: int, pad_token_id: int | None, seed: int) -> PreTrainedModel:
-    """The starting model, identical on every rank (seeded)."""
+def build_model(cfg: ModelConfig, vocab_size: int, pad_token_id: int | None, seed: int, *,
+                eos_token_id: int | None = None, bos_token_id: int | None = None) -> PreTrainedModel:
+    """The starting model, identical on every rank (seeded); a model built from scratch takes the
+    tokenizer's special-token ids, so its saved config generates and pools with the right tokens."""
     torch.manual_seed(seed)
     dtype = DTYPES[cfg.dtype]
     if cfg.name_or_path is not None:
@@ -53,8 +55,9 @@ def build_model(cfg: ModelConfig, vocab_size: int, pad_token_id: int | None, see
     config_cls = CONFIG_TYPES[cfg.family]
     kwargs = dict(cfg.init)
     kwargs.setdefault("vocab_size", vocab_size)
-    if pad_token_id is not None:
-        kwargs.setdefault("pad_token_id", pad_token_id)
+    for key, value in (("pad_token_id", pad_token_id), ("eos_token_id", eos_token_id), ("bos_token_id", bos_token_id)):
+        if value is not None:
+            kwargs.setdefault(key, value)
     if cfg.task == "sequence_classification":
         kwargs["num_labels"] = cfg.num_labels
     config = config_cls(**kwargs)

@@ -375,7 +375,8 @@ def run(cfg: RunConfig, resume: bool = False) -> dict:
     with timer("data"):
         prepared = prepare_data(cfg, accelerator)
     with whole_parameters(accelerator):
-        model = build_model(cfg.model, len(prepared.tokenizer), prepared.tokenizer.pad_token_id, cfg.seed)
+        tok = prepared.tokenizer
+        model = build_model(cfg.model, len(tok), tok.pad_token_id, cfg.seed, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
     check_tokenizer(model, prepared.tokenizer)
     check_labels(model, prepared)
     sparsity = 0.0

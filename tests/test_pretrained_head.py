@@ -112,6 +112,10 @@ def test_masked_lm_run_learns_and_saves_a_masked_lm(tmp_path):
     folder = tmp_path / "run" / "model"
     model = earlycrop.from_pretrained(folder)
     assert type(model).__name__ == "BertForMaskedLM"
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    assert (model.config.pad_token_id, model.config.eos_token_id) == (tok.pad_token_id, tok.eos_token_id)
     assert [l.num_heads for l in earlycrop.get_adapter(model).layers(model)] == [2, 2]
     import json
 
