@@ -390,8 +390,9 @@ def run(cfg: RunConfig, resume: bool = False) -> dict:
         is_main_process=accelerator.is_main_process, output_dir=out, tracking_uri=cfg.tracking_uri,
         experiment=cfg.experiment, run_name=cfg.run_name, enabled=cfg.tracking,
         fallback_to_local=cfg.tracking_fallback_local, run_id=run_id,
-        tags={"criterion": cfg.prune.criterion, "heads": cfg.prune.heads, "mlp": cfg.prune.mlp,
-              "layout": cfg.prune.layout, "prune_at": cfg.prune.prune_at, "git_revision": git_revision(),
+        tags={**({"criterion": cfg.prune.criterion, "heads": cfg.prune.heads, "mlp": cfg.prune.mlp, "layout": cfg.prune.layout}
+                 if cfg.prune.prune_at != "never" else {}),  # a dense run is not tagged with a criterion it never used
+              "prune_at": cfg.prune.prune_at, "git_revision": git_revision(),
               "family": earlycrop.get_adapter(model).name, "world_size": accelerator.num_processes},
     )
     try:
@@ -571,6 +572,13 @@ def _run_stages(cfg, accelerator, model, prepared, tracker, timer, state, checkp
         cfg=cfg.train, output_dir=out, restart_schedule=p.schedule_after_prune == "restart",
         log=lambda metrics, step: tracker.log_metrics(metrics, step=step), maybe_prune=maybe_prune,
     )
+    start_metrics = {}
+    if checkpoint is None:
+        # the model training starts from (pruned at step 0, or dense): what the cut cost before any training
+        with timer("eval"):
+            start_metrics = evaluate(accelerator, model, prepared.val_blocks, cfg.train.micro_batch_size, cfg.train.eval_batches)
+        tracker.log_metrics(start_metrics, step=0)
+        state.history.append({"step": 0, **start_metrics})
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     with timer("train"):
@@ -582,7 +590,7 @@ def _run_stages(cfg, accelerator, model, prepared, tracker, timer, state, checkp
     tracker.log_metrics(final, step=state.step)
     unwrapped = accelerator.unwrap_model(model)
     final_params = sum(p.numel() for p in unwrapped.parameters())
-    summary = {**final, "params_dense": dense_params, "params_final": final_params, "steps": state.step,
+    summary = {**final, **{f"{k}_at_start": v for k, v in start_metrics.items()}, "params_dense": dense_params, "params_final": final_params, "steps": state.step,
                "pruned_at": state.pruned_at, "finished": finished, **{f"time_{k}_s": v for k, v in timer.seconds.items()}}
     if torch.cuda.is_available():
         summary["peak_memory_bytes"] = torch.cuda.max_memory_allocated()

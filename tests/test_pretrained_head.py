@@ -122,6 +122,7 @@ def test_masked_lm_run_learns_and_saves_a_masked_lm(tmp_path):
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     # far below a uniform guess over the vocabulary, so the masked positions were learned from
     assert summary["val_loss"] < 0.85 * torch.log(torch.tensor(300.0)).item()
+    assert summary["val_loss_at_start"] > summary["val_loss"], "the pruned model is evaluated before training too"
 
 
 # ------------------------------------------------------------------------------- the objective
