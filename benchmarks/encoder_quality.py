@@ -24,14 +24,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import os
 import platform
 import shutil
 import statistics
 import sys
 import time
-import traceback
 from collections import defaultdict
 from pathlib import Path
 
@@ -41,6 +39,7 @@ sys.path.insert(0, str(ROOT))
 
 from quality import REGIME, _ms  # noqa: E402
 from results_file import write_section  # noqa: E402
+from sweep_runner import add_report_args, load_results, run_forked, run_forked_step  # noqa: E402
 
 FINETUNE = ROOT / "configs" / "bert_prune_pretrained.yaml"
 # the pre-trained model: its config, overrides, and the config.json keys that rebuild its shape from scratch
@@ -124,7 +123,7 @@ def _pretrain_child(out: str, quick: bool, base: str) -> None:
     run(cfg)
 
 
-def _finetune_child(variant: str, seed: int, out: str, quick: bool, result_path: str, base: str) -> None:
+def _finetune_child(variant: str, seed: int, out: str, quick: bool, base: str, result_path: str) -> None:
     import torch
 
     torch.set_num_threads(1)
@@ -187,33 +186,15 @@ def _pretraining_loss(pretrain: Path, plan_path: Path | None, batches: int = 8) 
     return sum(losses) / len(losses)
 
 
-def _safe(target, out: str, label: str, *args) -> None:
-    try:
-        target(*args)
-    except BaseException:
-        with (Path(out) / "failures.log").open("a") as f:
-            f.write(f"--- {label} {time.strftime('%Y-%m-%d %H:%M:%S')}\n{traceback.format_exc()}\n")
-        raise
-
-
-def load_results(out: Path) -> list[dict]:
-    path = out / "results.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
-
-
 def sweep(args) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    ctx = mp.get_context("fork")
     if args.pretrained and not (out / "pretrain" / "summary.json").is_file():
         shutil.copytree(args.pretrained, out / "pretrain", dirs_exist_ok=True)
     if not (out / "pretrain" / "summary.json").is_file():
         print(f"pre-training the {args.base} model on gensim:wiki ...", flush=True)
         shutil.rmtree(out / "pretrain", ignore_errors=True)
-        proc = ctx.Process(target=_safe, args=(_pretrain_child, str(out), "pretrain", str(out), args.quick, args.base))
-        proc.start()
-        proc.join()
-        if proc.exitcode != 0:
+        if run_forked_step(out, "pretrain", _pretrain_child, str(out), args.quick, args.base) != 0:
             raise SystemExit(f"pre-training failed; see {out / 'failures.log'}")
     pre = json.loads((out / "pretrain" / "summary.json").read_text())
     print(f"pretrained {args.base}: val loss {pre['val_loss']:.3f} after {pre['steps']} steps", flush=True)
@@ -223,20 +204,10 @@ def sweep(args) -> None:
     print(f"{len(done)} runs already in {out / 'results.jsonl'}; {len(todo)} to run", flush=True)
     for i, (variant, seed) in enumerate(todo, 1):
         key = f"{slug(variant)}-s{seed}"
-        shutil.rmtree(out / "runs" / key, ignore_errors=True)
-        result_path = out / f".{key}.result.json"
-        result_path.unlink(missing_ok=True)
         print(f"[{i}/{len(todo)}] {key} ...", flush=True)
-        proc = ctx.Process(target=_safe, args=(_finetune_child, str(out), key, variant, seed, str(out), args.quick, str(result_path), args.base))
-        proc.start()
-        proc.join()
-        if proc.exitcode != 0 or not result_path.is_file():
-            print(f"    FAILED (exit {proc.exitcode}); see {out / 'failures.log'}", flush=True)
+        record = run_forked(out, key, _finetune_child, variant, seed, str(out), args.quick, args.base)
+        if record is None:
             continue
-        record = json.loads(result_path.read_text())
-        result_path.unlink()
-        with (out / "results.jsonl").open("a") as f:
-            f.write(json.dumps(record) + "\n")
         s = record["summary"]
         print(f"    val accuracy {s['val_accuracy']:.3f} loss {s['val_loss']:.4f} params {s['params_final']:,} "
               f"({record['wall_s']:.0f} s)", flush=True)
@@ -359,10 +330,7 @@ def main() -> None:
     ap.add_argument("--pretrained", default=None,
                     help="reuse a finished pre-training run folder (model/ + summary.json) made with the same config, "
                          "e.g. runs/quality/runs/dense-s0 for --base llama")
-    ap.add_argument("--report", action="store_true", help="write the RESULTS.md section from results.jsonl")
-    ap.add_argument("--results", default=str(ROOT / "benchmarks" / "RESULTS.md"))
-    ap.add_argument("--plots", default=str(ROOT / "benchmarks" / "plots"))
-    ap.add_argument("--extra", default=None, help="a markdown file appended to the section (hand-written notes)")
+    add_report_args(ap, ROOT)
     args = ap.parse_args()
     if args.variants:
         unknown = [v for v in args.variants if v not in VARIANTS]

@@ -21,14 +21,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import multiprocessing as mp
 import os
 import platform
-import shutil
 import statistics
 import sys
 import time
-import traceback
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -37,10 +34,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from results_file import write_section  # noqa: E402
+from sweep_runner import add_report_args, load_results, run_forked  # noqa: E402
 
 CONFIG = ROOT / "configs" / "quickstart.yaml"
 CRITERIA = ["earlycrop", "grasp", "snip", "fisher", "magnitude", "activation", "random"]
-RATIOS = [0.5, 0.3, 0.7]
+RATIOS = [0.5, 0.7, 0.3]
 PRUNE_AT = ["0", "auto"]
 SEEDS_FOR = {0.5: [0, 1, 2], 0.3: [0, 1], 0.7: [0, 1]}
 SECTION = "## Quality: EarlyCroP vs baselines, from scratch (quality.py)"
@@ -178,13 +176,6 @@ def unigram_ppl(out: Path, seed: int, quick: bool) -> dict:
     return table[str(seed)]
 
 
-def load_results(out: Path) -> list[dict]:
-    path = out / "results.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def sweep(args) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -204,41 +195,24 @@ def sweep(args) -> None:
             continue
         todo.append(spec)
     print(f"{len(done)} runs already in {out / 'results.jsonl'}; {len(todo)} to run", flush=True)
-    ctx = mp.get_context("fork")
-    for i, spec in enumerate(todo, 1):
-        key = run_key(**spec)
-        run_dir = out / "runs" / key
-        shutil.rmtree(run_dir, ignore_errors=True)  # a half-finished run starts over
-        result_path = out / f".{key}.result.json"
-        result_path.unlink(missing_ok=True)
-        print(f"[{i}/{len(todo)}] {key} ...", flush=True)
-        t0 = time.time()
-        proc = ctx.Process(target=_child_safe, args=(spec, str(out), args.quick, str(result_path)))
-        proc.start()
-        proc.join()
-        if proc.exitcode != 0 or not result_path.is_file():
-            print(f"    FAILED (exit {proc.exitcode}); see {out / 'failures.log'}; not recorded, a rerun retries it", flush=True)
-            continue
-        record = json.loads(result_path.read_text())
-        result_path.unlink()
+
+    def add_unigram(record: dict) -> None:
         try:
-            record["unigram"] = unigram_ppl(out, spec["seed"], args.quick)
+            record["unigram"] = unigram_ppl(out, record["seed"], args.quick)
         except Exception as exc:  # the unigram baseline must not lose a finished run
             record["unigram"] = {"error": repr(exc)}
-        with (out / "results.jsonl").open("a") as f:
-            f.write(json.dumps(record) + "\n")
+
+    for i, spec in enumerate(todo, 1):
+        key = run_key(**spec)
+        print(f"[{i}/{len(todo)}] {key} ...", flush=True)
+        t0 = time.time()
+        record = run_forked(out, key, _child, spec, str(out), args.quick,
+                            failed_note="; not recorded, a rerun retries it", enrich=add_unigram)
+        if record is None:
+            continue
         s = record["summary"]
         print(f"    val_loss {s['val_loss']:.4f} ppl {s['val_perplexity']:.1f} params {s['params_final']:,} "
               f"({time.time() - t0:.0f} s)", flush=True)
-
-
-def _child_safe(spec, out, quick, result_path):
-    try:
-        _child(spec, out, quick, result_path)
-    except BaseException:
-        with (Path(out) / "failures.log").open("a") as f:
-            f.write(f"--- {run_key(**spec)} {time.strftime('%Y-%m-%d %H:%M:%S')}\n{traceback.format_exc()}\n")
-        raise
 
 
 # ----------------------------------------------------------------------------------------- report
@@ -500,10 +474,7 @@ def main() -> None:
     ap.add_argument("--prune-at", type=lambda s: s.split(","), default=None, help="0,auto")
     ap.add_argument("--layout", default="uniform", choices=["uniform", "global"],
                     help="selection layout of the pruned runs (global: one ranking across layers, as the paper; runs get a -global suffix)")
-    ap.add_argument("--report", action="store_true", help="write the RESULTS.md section from results.jsonl")
-    ap.add_argument("--results", default=str(ROOT / "benchmarks" / "RESULTS.md"))
-    ap.add_argument("--plots", default=str(ROOT / "benchmarks" / "plots"))
-    ap.add_argument("--extra", default=None, help="a markdown file appended to the section (hand-written notes)")
+    add_report_args(ap, ROOT)
     args = ap.parse_args()
     if args.out is None:
         args.out = str(ROOT / "runs" / ("quality-quick" if args.quick else "quality"))

@@ -22,14 +22,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import os
 import platform
-import shutil
 import statistics
 import sys
 import time
-import traceback
 from collections import defaultdict
 from pathlib import Path
 
@@ -37,8 +34,9 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from quality import CONFIG, CRITERIA, _flops, _interp, _ms, _reach, load_results  # noqa: E402
+from quality import CONFIG, CRITERIA, _flops, _interp, _ms, _reach  # noqa: E402
 from results_file import write_section  # noqa: E402
+from sweep_runner import add_report_args, load_results, run_forked  # noqa: E402
 
 DENSE_ROOT = ROOT / "runs" / "quality" / "runs"
 SECTION = "## Transfer: prune a wiki-trained model, fine-tune on news (transfer_quality.py)"
@@ -158,15 +156,6 @@ def _child(spec: dict, out: str, quick: bool, dense_root: str, extra: list[str],
     Path(result_path).write_text(json.dumps(record))
 
 
-def _child_safe(spec, out, *rest):
-    try:
-        _child(spec, out, *rest)
-    except BaseException:
-        with (Path(out) / "failures.log").open("a") as f:
-            f.write(f"--- {run_key(**spec)} {time.strftime('%Y-%m-%d %H:%M:%S')}\n{traceback.format_exc()}\n")
-        raise
-
-
 def sweep(args) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -179,24 +168,14 @@ def sweep(args) -> None:
             and (s["criterion"] == "dense" or not args.ratios or s["ratio"] in args.ratios)
             and (args.seeds is None or s["seed"] in args.seeds) and run_key(**s) not in done]
     print(f"{len(done)} runs already in {out / 'results.jsonl'}; {len(todo)} to run", flush=True)
-    ctx = mp.get_context("fork")
     for i, spec in enumerate(todo, 1):
         key = run_key(**spec)
-        shutil.rmtree(out / "runs" / key, ignore_errors=True)  # a half-finished run starts over
-        result_path = out / f".{key}.result.json"
-        result_path.unlink(missing_ok=True)
         print(f"[{i}/{len(todo)}] {key} ...", flush=True)
         t0 = time.time()
-        proc = ctx.Process(target=_child_safe, args=(spec, str(out), args.quick, args.dense_root, args.set, str(result_path)))
-        proc.start()
-        proc.join()
-        if proc.exitcode != 0 or not result_path.is_file():
-            print(f"    FAILED (exit {proc.exitcode}); see {out / 'failures.log'}; not recorded, a rerun retries it", flush=True)
+        record = run_forked(out, key, _child, spec, str(out), args.quick, args.dense_root, args.set,
+                            failed_note="; not recorded, a rerun retries it")
+        if record is None:
             continue
-        record = json.loads(result_path.read_text())
-        result_path.unlink()
-        with (out / "results.jsonl").open("a") as f:
-            f.write(json.dumps(record) + "\n")
         s = record["summary"]
         print(f"    zero-shot {record['zero_shot']['val_loss']:.4f} → val_loss {s['val_loss']:.4f} "
               f"params {s['params_final']:,} ({time.time() - t0:.0f} s)", flush=True)
@@ -429,10 +408,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=None)
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="extra pipeline override for every run (repeatable; use its own --out, it is not in the run key)")
-    ap.add_argument("--report", action="store_true", help="write the RESULTS.md section from results.jsonl")
-    ap.add_argument("--results", default=str(ROOT / "benchmarks" / "RESULTS.md"))
-    ap.add_argument("--plots", default=str(ROOT / "benchmarks" / "plots"))
-    ap.add_argument("--extra", default=None, help="a markdown file appended to the section (hand-written notes)")
+    add_report_args(ap, ROOT)
     args = ap.parse_args()
     if args.out is None:
         args.out = str(ROOT / "runs" / ("transfer-quick" if args.quick else "transfer"))

@@ -1,0 +1,74 @@
+"""Shared by the sweep scripts (quality.py, transfer_quality.py, encoder_quality.py): one forked child per run,
+its record appended to `<out>/results.jsonl`, its traceback to `<out>/failures.log`; and the report flags.
+
+The three scripts used to carry their own copies of this plumbing; it lives here so that the resume / failure
+behaviour of every sweep stays the same. A forked child keeps a crash from ending the sweep and makes the peak RSS
+the run's own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import shutil
+import time
+import traceback
+from pathlib import Path
+from typing import Callable
+
+
+def load_results(out: Path) -> list[dict]:
+    """The records of `<out>/results.jsonl`, one per finished run ([] when there is none yet)."""
+    path = out / "results.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _logged(out: str, label: str, target: Callable, *args) -> None:
+    """In the forked child: run target(*args); on any exception append the traceback to failures.log, re-raise."""
+    try:
+        target(*args)
+    except BaseException:
+        with (Path(out) / "failures.log").open("a") as f:
+            f.write(f"--- {label} {time.strftime('%Y-%m-%d %H:%M:%S')}\n{traceback.format_exc()}\n")
+        raise
+
+
+def run_forked_step(out: Path, label: str, target: Callable, *args) -> int:
+    """Run target(*args) in a forked child, a failure logged to `<out>/failures.log` under `label`; the exit code."""
+    proc = mp.get_context("fork").Process(target=_logged, args=(str(out), label, target, *args))
+    proc.start()
+    proc.join()
+    return proc.exitcode
+
+
+def run_forked(out: Path, key: str, target: Callable, *args, failed_note: str = "",
+               enrich: Callable[[dict], None] | None = None) -> dict | None:
+    """One sweep run: remove `<out>/runs/<key>` (a half-finished run starts over), run
+    target(*args, result_path) in a forked child that writes its JSON record to result_path, then append the
+    record to `<out>/results.jsonl` and return it. `enrich(record)`, in this process, may add to the record
+    before it is appended. On failure print the FAILED line (`failed_note` appended) and return None."""
+    shutil.rmtree(out / "runs" / key, ignore_errors=True)
+    result_path = out / f".{key}.result.json"
+    result_path.unlink(missing_ok=True)
+    exitcode = run_forked_step(out, key, target, *args, str(result_path))
+    if exitcode != 0 or not result_path.is_file():
+        print(f"    FAILED (exit {exitcode}); see {out / 'failures.log'}{failed_note}", flush=True)
+        return None
+    record = json.loads(result_path.read_text())
+    result_path.unlink()
+    if enrich is not None:
+        enrich(record)
+    with (out / "results.jsonl").open("a") as f:
+        f.write(json.dumps(record) + "\n")
+    return record
+
+
+def add_report_args(ap: argparse.ArgumentParser, root: Path) -> None:
+    """--report / --results / --plots / --extra, the same in every sweep script."""
+    ap.add_argument("--report", action="store_true", help="write the RESULTS.md section from results.jsonl")
+    ap.add_argument("--results", default=str(root / "benchmarks" / "RESULTS.md"))
+    ap.add_argument("--plots", default=str(root / "benchmarks" / "plots"))
+    ap.add_argument("--extra", default=None, help="a markdown file appended to the section (hand-written notes)")
