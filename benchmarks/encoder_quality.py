@@ -71,6 +71,9 @@ VARIANTS: dict[str, list[str]] = {
     "snip, task head, global": ["prune.criterion=snip", "prune.objective=task", "prune.layout=global"],
     "snip, pretraining, global": ["prune.criterion=snip", "prune.objective=pretraining", "prune.layout=global"],
     "fisher, pretraining, global": ["prune.criterion=fisher", "prune.objective=pretraining", "prune.layout=global"],
+    "fisher, pretraining, global, 16 batches": ["prune.criterion=fisher", "prune.objective=pretraining",
+                                                "prune.layout=global", "prune.calibration_batches=16"],
+    "activation, global": ["prune.criterion=activation", "prune.layout=global"],
 }
 QUICK_VARIANTS = ["dense", "magnitude, global", "earlycrop, pretraining, global"]
 QUICK_PRETRAIN = ["train.max_steps=20", "train.warmup_steps=2", "train.eval_every=10", "train.eval_batches=2"]

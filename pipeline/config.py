@@ -81,7 +81,9 @@ class DataConfig(_Strict):
 class PruneConfig(_Strict):
     """What to score, how much to remove and when (`prune_at`: a step, 0 = before training, `auto`, or `never`)."""
 
-    criterion: str = "earlycrop"
+    # auto: earlycrop, except for a pretrained model that gets a NEW task head, where global-ranked magnitude
+    # kept the most of the pretrained model in benchmarks/encoder_quality.py (benchmarks/RESULTS.md)
+    criterion: str = "auto"
     hvp: Literal["exact", "finite_difference"] = "exact"
     fd_step: float = Field(1e-4, gt=0.0)
     heads: float = Field(0.5, ge=0.0, lt=1.0)
@@ -99,14 +101,14 @@ class PruneConfig(_Strict):
     # the loss the criterion differentiates. task: the model's own loss. pretraining: the checkpoint's
     # pre-training loss through its own trained head (masked or causal LM on the task's text), because
     # gradients through a NEW random task head say little about the pretrained features. auto: pretraining
-    # when model.name_or_path gets a new task head, task otherwise.
+    # when model.name_or_path gets a new task head and was saved with a pre-training head, task otherwise.
     objective: Literal["auto", "task", "pretraining"] = "auto"
 
     @field_validator("criterion")
     @classmethod
     def _known_criterion(cls, value: str) -> str:
-        if value not in CRITERIA:
-            raise ValueError(f"unknown criterion {value!r}; choose one of: {', '.join(sorted(CRITERIA))}")
+        if value not in CRITERIA and value != "auto":
+            raise ValueError(f"unknown criterion {value!r}; choose one of: auto, {', '.join(sorted(CRITERIA))}")
         return value
 
     @field_validator("prune_at")

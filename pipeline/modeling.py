@@ -91,12 +91,20 @@ def new_parameter_names(model: PreTrainedModel, folder: str) -> set[str]:
     return {n for n, _ in model.named_parameters() if n not in saved and n.removeprefix(prefix) not in saved}
 
 
-def has_pretraining_head(folder: str) -> bool:
-    """Whether the folder's own model class ends in a pre-training head (masked or causal LM)."""
+def _architectures(folder: str) -> list[str]:
     from transformers import AutoConfig
 
-    archs = getattr(AutoConfig.from_pretrained(folder, trust_remote_code=False), "architectures", None) or []
-    return any(name.endswith(PRETRAINING_HEADS) for name in archs)
+    return getattr(AutoConfig.from_pretrained(folder, trust_remote_code=False), "architectures", None) or []
+
+
+def has_pretraining_head(folder: str) -> bool:
+    """Whether the folder's own model class ends in a pre-training head (masked or causal LM)."""
+    return any(name.endswith(PRETRAINING_HEADS) for name in _architectures(folder))
+
+
+def saved_as_classifier(folder: str) -> bool:
+    """Whether the folder already holds a sequence-classification head (fine-tuning it attaches nothing new)."""
+    return any(name.endswith("ForSequenceClassification") for name in _architectures(folder))
 
 
 def load_pretraining_model(folder: str, cfg: ModelConfig) -> PreTrainedModel:

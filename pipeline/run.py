@@ -34,6 +34,7 @@ from .distributed import check_same_on_all_ranks, score_sharded
 from .modeling import (
     build_model,
     has_pretraining_head,
+    saved_as_classifier,
     load_model_tokenizer,
     load_pretraining_model,
     new_parameter_names,
@@ -278,14 +279,26 @@ def _metadata(path: Path) -> dict[str, str]:
         return f.metadata() or {}
 
 
+def attaches_new_head(cfg: RunConfig) -> bool:
+    """Whether the run puts a NEW, randomly initialised task head on a pretrained model."""
+    return (cfg.model.name_or_path is not None and cfg.model.task == "sequence_classification"
+            and not saved_as_classifier(cfg.model.name_or_path))
+
+
+def scoring_criterion(cfg: RunConfig) -> str:
+    """`prune.criterion` resolved: `auto` is earlycrop, except for a pretrained model with a new head, where
+    magnitude kept the most of the pretrained model in benchmarks/encoder_quality.py."""
+    if cfg.prune.criterion != "auto":
+        return cfg.prune.criterion
+    return "magnitude" if attaches_new_head(cfg) else "earlycrop"
+
+
 def scoring_objective(cfg: RunConfig) -> str:
     """`prune.objective` resolved: `auto` scores a pretrained model that got a new task head through the
     checkpoint's own pre-training head (benchmarks/encoder_quality.py measured why), anything else with its task loss."""
     if cfg.prune.objective != "auto":
         return cfg.prune.objective
-    new_head = (cfg.model.name_or_path is not None and cfg.model.task == "sequence_classification"
-                and has_pretraining_head(cfg.model.name_or_path))
-    return "pretraining" if new_head else "task"
+    return "pretraining" if attaches_new_head(cfg) and has_pretraining_head(cfg.model.name_or_path) else "task"
 
 
 def pretraining_scorer(cfg: RunConfig, model, calibration, tokenizer) -> tuple[torch.nn.Module, list[dict[str, torch.Tensor]]]:
@@ -314,7 +327,8 @@ def score_and_plan(cfg: RunConfig, accelerator: Accelerator, model, prepared: Pr
     """Scores over all ranks' shards (or the saved ones when resuming), then the plan every rank agrees on."""
     scores_path = out / SCORES_FILE
     objective = scoring_objective(cfg)
-    provenance = {"criterion": cfg.prune.criterion, "hvp": cfg.prune.hvp, "fd_step": str(cfg.prune.fd_step),
+    criterion_name = scoring_criterion(cfg)
+    provenance = {"criterion": criterion_name, "hvp": cfg.prune.hvp, "fd_step": str(cfg.prune.fd_step),
                   "seed": str(cfg.seed), "source": cfg.data.source, "calibration_batches": str(cfg.prune.calibration_batches),
                   "calibration_batch_size": str(cfg.prune.calibration_batch_size), "seq_len": str(cfg.data.seq_len),
                   "objective": objective, "head_warmup_steps": str(cfg.train.head_warmup_steps)}
@@ -322,7 +336,7 @@ def score_and_plan(cfg: RunConfig, accelerator: Accelerator, model, prepared: Pr
         scores = Scores.from_tensors(load_file(scores_path))
         accelerator.print(f"reusing scores from {scores_path}")
     else:
-        criterion = earlycrop.make_criterion(cfg.prune.criterion, hvp=cfg.prune.hvp, fd_step=cfg.prune.fd_step, seed=cfg.seed)
+        criterion = earlycrop.make_criterion(criterion_name, hvp=cfg.prune.hvp, fd_step=cfg.prune.fd_step, seed=cfg.seed)
         scorer, calibration = model, prepared.calibration
         if objective == "pretraining" and criterion.uses_data:
             scorer, calibration = pretraining_scorer(cfg, model, calibration, prepared.tokenizer)
@@ -334,11 +348,11 @@ def score_and_plan(cfg: RunConfig, accelerator: Accelerator, model, prepared: Pr
             save_file(scores.to_tensors(), tmp, metadata=provenance)
             os.replace(tmp, scores_path)
     if cfg.target is None:
-        plan = earlycrop.make_plan(model, scores, selection_config(cfg), meta={"criterion": cfg.prune.criterion, "objective": objective})
+        plan = earlycrop.make_plan(model, scores, selection_config(cfg), meta={"criterion": criterion_name, "objective": objective})
     else:
         fitted = fit_target(cfg, accelerator, model, scores)
         plan = fitted.plan
-        plan.meta.update(criterion=cfg.prune.criterion, target=cfg.target.budget)
+        plan.meta.update(criterion=criterion_name, objective=objective, target=cfg.target.budget)
         accelerator.print(fitted.summary())
     ties = plan.meta.get("ties") or {}
     if any(ties.values()):
@@ -390,7 +404,7 @@ def run(cfg: RunConfig, resume: bool = False) -> dict:
         is_main_process=accelerator.is_main_process, output_dir=out, tracking_uri=cfg.tracking_uri,
         experiment=cfg.experiment, run_name=cfg.run_name, enabled=cfg.tracking,
         fallback_to_local=cfg.tracking_fallback_local, run_id=run_id,
-        tags={**({"criterion": cfg.prune.criterion, "heads": cfg.prune.heads, "mlp": cfg.prune.mlp, "layout": cfg.prune.layout}
+        tags={**({"criterion": scoring_criterion(cfg), "heads": cfg.prune.heads, "mlp": cfg.prune.mlp, "layout": cfg.prune.layout}
                  if cfg.prune.prune_at != "never" else {}),  # a dense run is not tagged with a criterion it never used
               "prune_at": cfg.prune.prune_at, "git_revision": git_revision(),
               "family": earlycrop.get_adapter(model).name, "world_size": accelerator.num_processes},

@@ -17,7 +17,7 @@ from earlycrop.criteria import score_units
 from pipeline import data as data_lib
 from pipeline.config import load_config
 from pipeline.modeling import build_model, load_pretraining_model
-from pipeline.run import pretraining_scorer, scoring_objective, warm_up_new_head
+from pipeline.run import pretraining_scorer, scoring_criterion, scoring_objective, warm_up_new_head
 
 from . import launching
 
@@ -126,6 +126,16 @@ def test_masked_lm_run_learns_and_saves_a_masked_lm(tmp_path):
 
 
 # ------------------------------------------------------------------------------- the objective
+
+
+def test_auto_criterion_is_magnitude_only_for_a_new_head(tmp_path, pretrained, tokenizer):
+    assert scoring_criterion(_config(tmp_path, pretrained, "prune.criterion=auto")) == "magnitude"
+    assert scoring_criterion(_config(tmp_path, pretrained, "prune.criterion=snip")) == "snip"
+    torch.manual_seed(0)
+    classifier = _save(BertForSequenceClassification(_bert_config(tokenizer)), tokenizer, tmp_path / "cls")
+    assert scoring_criterion(_config(tmp_path, classifier, "prune.criterion=auto")) == "earlycrop"
+    scratch = _config(tmp_path, pretrained, "prune.criterion=auto", "model.name_or_path=null", "model.family=bert")
+    assert scoring_criterion(scratch) == "earlycrop"
 
 
 def test_auto_objective_is_pretraining_only_for_a_new_head(tmp_path, pretrained, tokenizer):
