@@ -59,6 +59,14 @@ QUICK = [
 ]
 
 
+def set_budget(steps: int) -> None:
+    """Another training budget than the main sweep's 600 steps (to see whether and where dense overtakes):
+    every run gets `steps` steps; the runs go to their own folder and RESULTS.md section."""
+    global SECTION
+    REGIME[REGIME.index("train.max_steps=600")] = f"train.max_steps={steps}"
+    SECTION = f"## Quality: EarlyCroP vs baselines, from scratch, {steps} steps (quality.py --max-steps {steps})"
+
+
 def run_key(criterion: str, ratio: float | None, prune_at: str | None, seed: int, layout: str = "uniform") -> str:
     if criterion == "dense":
         return f"dense-s{seed}"
@@ -474,10 +482,16 @@ def main() -> None:
     ap.add_argument("--prune-at", type=lambda s: s.split(","), default=None, help="0,auto")
     ap.add_argument("--layout", default="uniform", choices=["uniform", "global"],
                     help="selection layout of the pruned runs (global: one ranking across layers, as the paper; runs get a -global suffix)")
+    ap.add_argument("--max-steps", type=int, default=600,
+                    help="training steps of every run (600: the main sweep); another budget uses its own folder "
+                         "runs/quality-steps<N> and its own RESULTS.md section")
     add_report_args(ap, ROOT)
     args = ap.parse_args()
+    if args.max_steps != 600:
+        set_budget(args.max_steps)
     if args.out is None:
-        args.out = str(ROOT / "runs" / ("quality-quick" if args.quick else "quality"))
+        args.out = str(ROOT / "runs" / ("quality-quick" if args.quick else
+                                        "quality" if args.max_steps == 600 else f"quality-steps{args.max_steps}"))
     if args.report:
         report(args)
     else:
