@@ -229,7 +229,7 @@ def report(args) -> None:
         by[r["variant"]].append(r)
     dense = {r["seed"]: r for r in by.get("dense", [])}
     pre = json.loads((out / "pretrain" / "summary.json").read_text())
-    rows, deltas = [], {}
+    rows, deltas, retained = [], {}, {}
     for variant in [v for v in VARIANTS if v in by]:
         rs = sorted(by[variant], key=lambda r: r["seed"])
         acc = [r["summary"]["val_accuracy"] for r in rs]
@@ -238,6 +238,8 @@ def report(args) -> None:
         d_loss = [r["summary"]["val_loss"] - dense[r["seed"]]["summary"]["val_loss"] for r in rs if r["seed"] in dense]
         deltas[variant] = d_acc
         kept_lm = [r["pretraining_loss_after_prune"] for r in rs if r.get("pretraining_loss_after_prune") is not None]
+        if kept_lm and not variant.startswith("dense"):
+            retained[variant] = kept_lm
         c = rs[0]["counts"]
         kept = "–" if c is None else f"heads {c['heads']}, MLP {c['neurons']}"
         rows.append(f"| {variant} | {','.join(str(r['seed']) for r in rs)} | {_ms(acc)} | "
@@ -268,7 +270,7 @@ def report(args) -> None:
              "",
              "| variant | seeds | val accuracy | Δ accuracy vs dense | val loss | Δ loss vs dense | pre-training loss after the cut | params | kept per layer (first seed) | wall s |",
              "|---|---|---:|---:|---:|---:|---:|---:|---|---:|", *rows, ""]
-    lines += _verdicts(deltas)
+    lines += _retention(retained) + _verdicts(deltas)
     made = _plot(by, Path(args.plots), args.quick, args.base)
     lines += [f"![{m.stem}](plots/{m.name})" for m in made] + [""]
     text = "\n".join(lines).rstrip() + "\n"
@@ -276,6 +278,21 @@ def report(args) -> None:
         text += "\n" + Path(args.extra).read_text().rstrip() + "\n"
     write_section(Path(args.results), _section(args.base), text)
     print(text)
+
+
+def _retention(retained: dict[str, list[float]]) -> list[str]:
+    """Rank the pruned variants by the pretrained model's own loss after the cut (lower keeps more)."""
+    ref = retained.get("magnitude, global")
+    out = ["**What each scoring keeps of the pretrained model (pre-training loss after the cut, lower is better; "
+           "computed from the table, best first; verdict against global magnitude, which needs no data and has no "
+           "seed spread, so 'noise' is the other variant's seed std).**", ""]
+    for variant, v in sorted(retained.items(), key=lambda kv: statistics.mean(kv[1])):
+        line = f"- {variant}: {_ms(v)}"
+        if ref and variant != "magnitude, global" and len(v) > 1:
+            diff, noise = statistics.mean(v) - statistics.mean(ref), statistics.stdev(v)
+            line += f"; {diff:+.3f} vs global magnitude: " + ("better" if diff < -noise else "WORSE" if diff > noise else "within seed noise")
+        out.append(line + ".")
+    return out + [""]
 
 
 def _verdicts(deltas: dict[str, list[float]]) -> list[str]:

@@ -6,7 +6,7 @@ Starts from the dense Llama-style models that `benchmarks/quality.py` trained on
 fine-tuning (`prune_at: 0`, scores from calibration batches of the news training split) with every criterion,
 the same number of fine-tuning tokens for every run. The zero-shot validation loss on the news text (the
 dense wiki model, and each pruned model right after pruning, before any fine-tuning) is measured in the run's
-child process: the pipeline does not evaluate at step 0.
+child process (these runs predate the pipeline's own step-0 evaluation, `val_loss_at_start`).
 
     python benchmarks/transfer_quality.py --quick             # smoke run (3 tiny runs, own folder)
     python benchmarks/transfer_quality.py --ratios 0.5        # dense + 7 criteria at 50%, 3 seeds (resumable)
@@ -299,8 +299,8 @@ def report(args) -> None:
              f"{min(zs['val_blocks'] // 8, t['eval_batches']) * 8} are evaluated every {t['eval_every']} steps). AdamW lr "
              f"{t['lr']:g}, wd {t['weight_decay']:g}, {t['warmup_steps']} warm-up steps, {t['scheduler']} to 10%. Scoring: "
              f"{r0['calibration_batches']} calibration batches of 8 × 128 from the news training split, model in eval mode.",
-             "- **Zero-shot** = validation loss on the news text before any fine-tuning (measured by the script: the "
-             "pipeline does not evaluate at step 0): the dense wiki model, or the wiki model right after pruning with the "
+             "- **Zero-shot** = validation loss on the news text before any fine-tuning (measured by the script; the runs "
+             "predate the pipeline's own step-0 evaluation): the dense wiki model, or the wiki model right after pruning with the "
              "run's plan. **Δ vs dense** pairs each run with the dense run of the same seed (same model, same split).",
              "- Train FLOPs = 6 × parameters × fine-tuning tokens (scoring not included). tokens/s = tokens / training-stage "
              "wall time (evaluations included). Wall = seconds from the MLflow run start to the last evaluation (scoring + "
