@@ -551,7 +551,8 @@ def _run_stages(cfg, accelerator, model, prepared, tracker, timer, state, checkp
             return model, optimizer, False
         unwrapped = accelerator.unwrap_model(model)
         if rule is not None:
-            due = step > 0 and rule.observe(step, earlycrop.get_adapter(unwrapped).prunable_weights(unwrapped))
+            # d_e over all weights, as the paper's rule (DESIGN.md §2), not only the prunable ones
+            due = step > 0 and rule.observe(step, list(unwrapped.parameters()))
             if rule.trace and step % p.auto_interval == 0:
                 tracker.log_metrics({"auto_weight_distance": rule.trace[-1][1]}, step=step)
         else:
