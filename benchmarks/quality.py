@@ -42,6 +42,7 @@ RATIOS = [0.5, 0.7, 0.3]
 PRUNE_AT = ["0", "auto"]
 SEEDS_FOR = {0.5: [0, 1, 2], 0.3: [0, 1], 0.7: [0, 1]}
 SECTION = "## Quality: EarlyCroP vs baselines, from scratch (quality.py)"
+PLOT_SUFFIX = ""  # plots of another budget (--max-steps) get their own names
 MICRO, SEQ = 8, 128
 
 # The regime. quickstart.yaml plus: 2 KV heads (so uniform per-group removal can express 25/50/75% of
@@ -62,8 +63,9 @@ QUICK = [
 def set_budget(steps: int) -> None:
     """Another training budget than the main sweep's 600 steps (to see whether and where dense overtakes):
     every run gets `steps` steps; the runs go to their own folder and RESULTS.md section."""
-    global SECTION
+    global SECTION, PLOT_SUFFIX
     REGIME[REGIME.index("train.max_steps=600")] = f"train.max_steps={steps}"
+    PLOT_SUFFIX = f"_steps{steps}"
     SECTION = f"## Quality: EarlyCroP vs baselines, from scratch, {steps} steps (quality.py --max-steps {steps})"
 
 
@@ -419,7 +421,7 @@ def _plots(results, dense, plots: Path, quick: bool) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    suffix = "_quick" if quick else ""
+    suffix = "_quick" if quick else PLOT_SUFFIX
     made = []
     # quality vs fraction removed, one line per criterion, one panel per prune_at
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
