@@ -249,7 +249,9 @@ def report(args) -> None:
                     f"{statistics.mean(r['wall_s'] for r in rs):.0f} |")
     steps = results[0]["summary"]["steps"]
     lines = [_section(args.base), "",
-             "Command: `python benchmarks/encoder_quality.py` then `python benchmarks/encoder_quality.py --report`"
+             f"Command: `python benchmarks/encoder_quality.py --base {args.base}"
+             + (" --pretrained runs/quality/runs/dense-s0" if args.base == "llama" else "")
+             + f"` then `python benchmarks/encoder_quality.py --base {args.base} --report`"
              + (" (`--quick`: smoke numbers, meaningless as quality)" if args.quick else "") + ".",
              f"Report written {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; runs in `{out}`. Machine: "
              f"{platform.machine()}, 2 logical cores shared with other jobs, one thread per run; no GPU.",
