@@ -171,7 +171,6 @@ def _pretraining_loss(pretrain: Path, plan_path: Path | None, batches: int = 8) 
 
     import earlycrop
     from pipeline import data as data_lib
-    from pipeline.config import load_config
     from pipeline.modeling import load_model_tokenizer
 
     model = earlycrop.from_pretrained(pretrain / "model", attn_implementation="eager").eval()
