@@ -200,14 +200,14 @@ def sweep(args) -> None:
             raise SystemExit(f"pre-training failed; see {out / 'failures.log'}")
     pre = json.loads((out / "pretrain" / "summary.json").read_text())
     print(f"pretrained {args.base}: val loss {pre['val_loss']:.3f} after {pre['steps']} steps", flush=True)
-    done = {r["key"] for r in load_results(out)}
+    done = {r["key"] for r in load_results(out / "results.jsonl")}
     variants = args.variants or (QUICK_VARIANTS if args.quick else list(VARIANTS))
     todo = [(v, s) for s in (args.seeds or ([0] if args.quick else SEEDS)) for v in variants if f"{slug(v)}-s{s}" not in done]
     print(f"{len(done)} runs already in {out / 'results.jsonl'}; {len(todo)} to run", flush=True)
     for i, (variant, seed) in enumerate(todo, 1):
         key = f"{slug(variant)}-s{seed}"
         print(f"[{i}/{len(todo)}] {key} ...", flush=True)
-        record = run_forked(out, key, _finetune_child, variant, seed, str(out), args.quick, args.base)
+        record = run_forked(out, out / "results.jsonl", key, _finetune_child, variant, seed, str(out), args.quick, args.base)
         if record is None:
             continue
         s = record["summary"]
@@ -220,7 +220,7 @@ def sweep(args) -> None:
 
 def report(args) -> None:
     out = Path(args.out)
-    results = [r for r in load_results(out) if r["quick"] == args.quick]
+    results = [r for r in load_results(out / "results.jsonl") if r["quick"] == args.quick]
     if not results:
         raise SystemExit(f"no results in {out / 'results.jsonl'}")
     by = defaultdict(list)

@@ -7,12 +7,14 @@ weight-distance rule (`prune_at: auto`), the same number of training tokens for 
 
     python benchmarks/quality.py --quick                      # smoke run (3 tiny runs, own folder)
     python benchmarks/quality.py                              # the whole sweep (resumable)
+    python benchmarks/quality.py --shard 0/2 & python benchmarks/quality.py --shard 1/2   # one process per core
     python benchmarks/quality.py --criteria dense,earlycrop,random --ratios 0.5 --prune-at 0 --seeds 0,1,2
     python benchmarks/quality.py --report                     # write the section of benchmarks/RESULTS.md
 
-Each finished run is appended to `<out>/results.jsonl`; a rerun skips runs already there, so an
+Each finished run is appended to `benchmarks/records/quality.jsonl` (committed with the report, so the
+numbers outlive the machine; `--records` for another file); a rerun skips runs already there, so an
 interrupted sweep resumes where it stopped. Every run is also an MLflow run of one experiment in one
-sqlite store, `<out>/mlflow.db`. Each run executes in a forked child process (the pipeline in-process
+sqlite store, `<out>/mlflow.db`, and leaves its model under `<out>/runs/`. Each run executes in a forked child process (the pipeline in-process
 there), so a crash does not end the sweep and the peak RSS is that run's own.
 """
 
@@ -38,7 +40,7 @@ from sweep_runner import add_report_args, load_results, run_forked  # noqa: E402
 
 CONFIG = ROOT / "configs" / "quickstart.yaml"
 CRITERIA = ["earlycrop", "grasp", "snip", "fisher", "magnitude", "activation", "random"]
-RATIOS = [0.5, 0.7, 0.3]
+RATIOS = [0.7, 0.3, 0.5]
 PRUNE_AT = ["0", "auto"]
 SEEDS_FOR = {0.5: [0, 1, 2], 0.3: [0, 1], 0.7: [0, 1]}
 SECTION = "## Quality: EarlyCroP vs baselines, from scratch (quality.py)"
@@ -80,12 +82,10 @@ def planned_runs(quick: bool, layout: str = "uniform") -> list[dict]:
         return [dict(criterion="dense", ratio=None, prune_at=None, seed=0),
                 dict(criterion="earlycrop", ratio=0.5, prune_at="0", seed=0),
                 dict(criterion="random", ratio=0.5, prune_at="auto", seed=0)]
-    runs = []
-    # cheapest-to-most-informative order: the 50% setting seed by seed (dense first), then 30% and 70%
+    # the dense references first (every Δ needs them), then ratio by ratio, seed by seed
+    runs = [dict(criterion="dense", ratio=None, prune_at=None, seed=seed) for seed in SEEDS_FOR[0.5]]
     for ratio in RATIOS:
         for seed in SEEDS_FOR[ratio]:
-            if ratio == 0.5:
-                runs.append(dict(criterion="dense", ratio=None, prune_at=None, seed=seed))
             for prune_at in PRUNE_AT:
                 for crit in CRITERIA:
                     runs.append(dict(criterion=crit, ratio=ratio, prune_at=prune_at, seed=seed, layout=layout))
@@ -150,10 +150,9 @@ def _child(spec: dict, out: str, quick: bool, result_path: str) -> None:
     Path(result_path).write_text(json.dumps(record))
 
 
-def unigram_ppl(out: Path, seed: int, quick: bool) -> dict:
+def unigram_ppl(out: Path, cache: Path, seed: int, quick: bool) -> dict:
     """Unigram perplexity of the evaluated validation blocks, with the run's own trained tokenizer;
-    unigram probabilities from the training split's token counts (add-one smoothed)."""
-    cache = out / "unigram.json"
+    unigram probabilities from the training split's token counts (add-one smoothed). Cached per seed in `cache`."""
     table = json.loads(cache.read_text()) if cache.is_file() else {}
     if str(seed) in table:
         return table[str(seed)]
@@ -179,17 +178,24 @@ def unigram_ppl(out: Path, seed: int, quick: bool) -> dict:
             nll -= math.log((counts[t] + 1) / (train_tokens + vocab))
             n += 1
     train_blocks = train_tokens // cfg.data.seq_len
-    table[str(seed)] = {"unigram_val_loss": nll / n, "unigram_val_ppl": math.exp(nll / n), "val_tokens_scored": n,
-                        "train_tokens": train_tokens, "train_blocks": train_blocks, "val_blocks": len(val),
-                        "train_docs": len(train_docs), "val_docs": len(val_docs), "vocab": vocab}
-    cache.write_text(json.dumps(table, indent=1))
-    return table[str(seed)]
+    entry = {"unigram_val_loss": nll / n, "unigram_val_ppl": math.exp(nll / n), "val_tokens_scored": n,
+             "train_tokens": train_tokens, "train_blocks": train_blocks, "val_blocks": len(val),
+             "train_docs": len(train_docs), "val_docs": len(val_docs), "vocab": vocab}
+    # re-read right before writing: another sweep process (--shard) may have added a seed meanwhile
+    table = json.loads(cache.read_text()) if cache.is_file() else {}
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps({**table, str(seed): entry}, indent=1, sort_keys=True))
+    return entry
+
+
+def unigram_cache(records: Path) -> Path:
+    return records.with_name(records.stem + ".unigram.json")
 
 
 def sweep(args) -> None:
-    out = Path(args.out)
+    out, records = Path(args.out), Path(args.records)
     out.mkdir(parents=True, exist_ok=True)
-    done = {r["key"] for r in load_results(out)}
+    done = {r["key"] for r in load_results(records)}
     todo = []
     for spec in planned_runs(args.quick, args.layout):
         if args.criteria and spec["criterion"] not in args.criteria:
@@ -204,11 +210,15 @@ def sweep(args) -> None:
         if run_key(**spec) in done:
             continue
         todo.append(spec)
-    print(f"{len(done)} runs already in {out / 'results.jsonl'}; {len(todo)} to run", flush=True)
+    index, count = args.shard
+    todo = todo[index::count]
+    print(f"{len(done)} runs already in {records}; {len(todo)} to run" + (f" (shard {index}/{count})" if count > 1 else ""),
+          flush=True)
 
     def add_unigram(record: dict) -> None:
+        record["concurrent_shards"] = count
         try:
-            record["unigram"] = unigram_ppl(out, record["seed"], args.quick)
+            record["unigram"] = unigram_ppl(out, unigram_cache(records), record["seed"], args.quick)
         except Exception as exc:  # the unigram baseline must not lose a finished run
             record["unigram"] = {"error": repr(exc)}
 
@@ -216,7 +226,7 @@ def sweep(args) -> None:
         key = run_key(**spec)
         print(f"[{i}/{len(todo)}] {key} ...", flush=True)
         t0 = time.time()
-        record = run_forked(out, key, _child, spec, str(out), args.quick,
+        record = run_forked(out, records, key, _child, spec, str(out), args.quick,
                             failed_note="; not recorded, a rerun retries it", enrich=add_unigram)
         if record is None:
             continue
@@ -265,10 +275,10 @@ def _interp(hist, t):
 
 
 def report(args) -> None:
-    out = Path(args.out)
-    results = [r for r in load_results(out) if r.get("quick", False) == args.quick]
+    records = Path(args.records)
+    results = [r for r in load_results(records) if r.get("quick", False) == args.quick]
     if not results:
-        raise SystemExit(f"no results in {out / 'results.jsonl'}")
+        raise SystemExit(f"no results in {records}")
     dense = {r["seed"]: r for r in results if r["criterion"] == "dense"}
     groups = defaultdict(list)
     for r in results:
@@ -323,7 +333,9 @@ def report(args) -> None:
     plots.mkdir(parents=True, exist_ok=True)
     made = _plots(results, dense, plots, args.quick)
 
-    uni = json.loads((out / "unigram.json").read_text()) if (out / "unigram.json").is_file() else {}
+    uni = json.loads(unigram_cache(records).read_text()) if unigram_cache(records).is_file() else {}
+    shards = max(r.get("concurrent_shards", 1) for r in results)
+    at_once = "one run at a time" if shards == 1 else f"up to {shards} runs at a time (one sweep process per core)"
     any_r = results[0]
     steps, tps = any_r["max_steps"], any_r["tokens_per_step"]
     tokens = steps * tps
@@ -332,9 +344,9 @@ def report(args) -> None:
     lines += [
         "Command: `python benchmarks/quality.py [filters]` then `python benchmarks/quality.py --report`"
         + (" (with `--quick`: smoke-run numbers, meaningless as quality)" if args.quick else "") + ".",
-        f"Report written {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; runs in `{out}` (results.jsonl, one MLflow "
-        f"experiment `earlycrop-quality{'-quick' if args.quick else ''}` in `{out}/mlflow.db`). "
-        f"Machine: {platform.processor() or platform.machine()}, 2 logical cores shared with other jobs, one run at a time, "
+        f"Report written {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; records in `{_shown(records)}` (every number "
+        f"below is computed from them), one MLflow experiment `earlycrop-quality{'-quick' if args.quick else ''}` in "
+        f"`<out>/mlflow.db`. Machine: {platform.processor() or platform.machine()}, 2 logical cores shared with other jobs, {at_once}, "
         "`torch.set_num_threads(1)`; no GPU. Times are wall-clock on a shared machine: trust them to ±20%.",
         "",
         "**Regime.** `configs/quickstart.yaml` (Llama-style, hidden 128, 4 layers, 8 query heads, intermediate 352, tied "
@@ -388,6 +400,14 @@ def report(args) -> None:
         text += "\n" + Path(args.extra).read_text().rstrip() + "\n"
     write_section(Path(args.results), SECTION, text)
     print(text)
+
+
+def _shown(path: Path) -> str:
+    """A path relative to the repository when it is inside it."""
+    try:
+        return str(path.resolve().relative_to(ROOT))
+    except ValueError:
+        return str(path)
 
 
 def _findings(rows, args) -> list[str]:
@@ -474,6 +494,16 @@ def _plots(results, dense, plots: Path, quick: bool) -> list[Path]:
     return made
 
 
+def _shard(text: str) -> tuple[int, int]:
+    try:
+        index, count = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--shard takes I/N (e.g. 0/2), not {text!r}") from None
+    if not 0 <= index < count:
+        raise argparse.ArgumentTypeError(f"--shard {text}: need 0 <= I < N")
+    return index, count
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=None, help="sweep folder (default runs/quality, or runs/quality-quick with --quick)")
@@ -487,6 +517,11 @@ def main() -> None:
     ap.add_argument("--max-steps", type=int, default=600,
                     help="training steps of every run (600: the main sweep); another budget uses its own folder "
                          "runs/quality-steps<N> and its own RESULTS.md section")
+    ap.add_argument("--records", default=None,
+                    help="JSONL file of finished runs (default benchmarks/records/quality[-steps<N>].jsonl, "
+                         "or <out>/results.jsonl with --quick)")
+    ap.add_argument("--shard", type=_shard, default=(0, 1), metavar="I/N",
+                    help="run only every N-th pending run starting at I: start N processes (I = 0..N-1) to use N cores")
     add_report_args(ap, ROOT)
     args = ap.parse_args()
     if args.max_steps != 600:
@@ -494,6 +529,10 @@ def main() -> None:
     if args.out is None:
         args.out = str(ROOT / "runs" / ("quality-quick" if args.quick else
                                         "quality" if args.max_steps == 600 else f"quality-steps{args.max_steps}"))
+    if args.records is None:
+        args.records = str(Path(args.out) / "results.jsonl" if args.quick else
+                           ROOT / "benchmarks" / "records" / ("quality.jsonl" if args.max_steps == 600
+                                                              else f"quality-steps{args.max_steps}.jsonl"))
     if args.report:
         report(args)
     else:

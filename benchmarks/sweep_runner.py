@@ -1,5 +1,5 @@
 """Shared by the sweep scripts (quality.py, transfer_quality.py, encoder_quality.py): one forked child per run,
-its record appended to `<out>/results.jsonl`, its traceback to `<out>/failures.log`; and the report flags.
+its record appended to a JSONL records file, its traceback to `<out>/failures.log`; and the report flags.
 
 The three scripts used to carry their own copies of this plumbing; it lives here so that the resume / failure
 behaviour of every sweep stays the same. A forked child keeps a crash from ending the sweep and makes the peak RSS
@@ -9,6 +9,7 @@ the run's own.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import multiprocessing as mp
 import shutil
@@ -18,9 +19,8 @@ from pathlib import Path
 from typing import Callable
 
 
-def load_results(out: Path) -> list[dict]:
-    """The records of `<out>/results.jsonl`, one per finished run ([] when there is none yet)."""
-    path = out / "results.jsonl"
+def load_results(path: Path) -> list[dict]:
+    """The records of a JSONL records file, one per finished run ([] when there is none yet)."""
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -44,12 +44,13 @@ def run_forked_step(out: Path, label: str, target: Callable, *args) -> int:
     return proc.exitcode
 
 
-def run_forked(out: Path, key: str, target: Callable, *args, failed_note: str = "",
+def run_forked(out: Path, records: Path, key: str, target: Callable, *args, failed_note: str = "",
                enrich: Callable[[dict], None] | None = None) -> dict | None:
     """One sweep run: remove `<out>/runs/<key>` (a half-finished run starts over), run
     target(*args, result_path) in a forked child that writes its JSON record to result_path, then append the
-    record to `<out>/results.jsonl` and return it. `enrich(record)`, in this process, may add to the record
-    before it is appended. On failure print the FAILED line (`failed_note` appended) and return None."""
+    record to `records` and return it. `enrich(record)`, in this process, may add to the record
+    before it is appended. On failure print the FAILED line (`failed_note` appended) and return None.
+    The append holds an exclusive lock, so several sweep processes (one per core) can share one records file."""
     shutil.rmtree(out / "runs" / key, ignore_errors=True)
     result_path = out / f".{key}.result.json"
     result_path.unlink(missing_ok=True)
@@ -61,14 +62,18 @@ def run_forked(out: Path, key: str, target: Callable, *args, failed_note: str = 
     result_path.unlink()
     if enrich is not None:
         enrich(record)
-    with (out / "results.jsonl").open("a") as f:
+    records.parent.mkdir(parents=True, exist_ok=True)
+    with records.open("a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
         f.write(json.dumps(record) + "\n")
+        f.flush()
+        fcntl.flock(f, fcntl.LOCK_UN)
     return record
 
 
 def add_report_args(ap: argparse.ArgumentParser, root: Path) -> None:
     """--report / --results / --plots / --extra, the same in every sweep script."""
-    ap.add_argument("--report", action="store_true", help="write the RESULTS.md section from results.jsonl")
+    ap.add_argument("--report", action="store_true", help="write the RESULTS.md section from the records file")
     ap.add_argument("--results", default=str(root / "benchmarks" / "RESULTS.md"))
     ap.add_argument("--plots", default=str(root / "benchmarks" / "plots"))
     ap.add_argument("--extra", default=None, help="a markdown file appended to the section (hand-written notes)")

@@ -162,7 +162,7 @@ def sweep(args) -> None:
     missing = [s for s in (args.seeds or [0, 1, 2]) if not (Path(args.dense_root) / f"dense-s{s}" / "model").is_dir()]
     if missing:
         raise SystemExit(f"no trained dense model for seeds {missing} under {args.dense_root}: run benchmarks/quality.py first")
-    done = {r["key"] for r in load_results(out)}
+    done = {r["key"] for r in load_results(out / "results.jsonl")}
     todo = [s for s in planned_runs(args.quick)
             if (not args.criteria or s["criterion"] in args.criteria)
             and (s["criterion"] == "dense" or not args.ratios or s["ratio"] in args.ratios)
@@ -172,7 +172,7 @@ def sweep(args) -> None:
         key = run_key(**spec)
         print(f"[{i}/{len(todo)}] {key} ...", flush=True)
         t0 = time.time()
-        record = run_forked(out, key, _child, spec, str(out), args.quick, args.dense_root, args.set,
+        record = run_forked(out, out / "results.jsonl", key, _child, spec, str(out), args.quick, args.dense_root, args.set,
                             failed_note="; not recorded, a rerun retries it")
         if record is None:
             continue
@@ -268,7 +268,7 @@ def _verdicts(rows: list[dict], field: str, label: str) -> list[str]:
 
 def report(args) -> None:
     out = Path(args.out)
-    results = [r for r in load_results(out) if r.get("quick", False) == args.quick]
+    results = [r for r in load_results(out / "results.jsonl") if r.get("quick", False) == args.quick]
     if not results:
         raise SystemExit(f"no results in {out / 'results.jsonl'}")
     dense = {r["seed"]: r for r in results if r["criterion"] == "dense"}
