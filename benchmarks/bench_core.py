@@ -289,7 +289,6 @@ def run(args) -> str:
 
     # --- report
     cmd = shlex.join(["python", "benchmarks/bench_core.py", *sys.argv[1:]])
-    d, p, n = rows["dense"], rows["pruned"], rows["native"]
     L = []
     L.append(SECTION)
     L.append("")

@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 
 from quality import REGIME, _ms  # noqa: E402
 from results_file import write_section  # noqa: E402
-from sweep_runner import add_report_args, load_results, run_forked, run_forked_step  # noqa: E402
+from sweep_runner import add_report_args, load_results, metric_histories, plan_counts, run_forked, run_forked_step  # noqa: E402
 
 FINETUNE = ROOT / "configs" / "bert_prune_pretrained.yaml"
 # the pre-trained model: its config, overrides, and the config.json keys that rebuild its shape from scratch
@@ -89,18 +89,6 @@ def _tracking(out: Path, run_name: str, quick: bool) -> list[str]:
             f"experiment=earlycrop-encoder-quality{'-quick' if quick else ''}"]
 
 
-def _history(info: dict, names: tuple[str, ...]) -> dict[str, list]:
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=info["tracking_uri"])
-    start = client.get_run(info["run_id"]).info.start_time
-    out = {}
-    for name in names:
-        points = {m.step: (m.step, m.value, (m.timestamp - start) / 1000.0) for m in client.get_metric_history(info["run_id"], name)}
-        out[name] = sorted(points.values())
-    return out
-
-
 DESCRIBE = {
     "bert": "`configs/bert_pretrain_mlm.yaml` (BERT, hidden 128, 4 layers × 4 heads, MLP 512, masked LM, 8 × 128 tokens a step)",
     "llama": "the dense model of benchmarks/quality.py (Llama, hidden 128, 4 layers × 8 query / 2 KV heads, MLP 352, causal LM, "
@@ -148,18 +136,11 @@ def _finetune_child(variant: str, seed: int, out: str, quick: bool, base: str, r
     wall = time.time() - t0
     run_dir = Path(cfg.output_dir)
     info = json.loads((run_dir / "run_info.json").read_text())
-    counts = None
-    if (run_dir / "plan.json").is_file():
-        import earlycrop
-
-        plan = earlycrop.Plan.load(run_dir / "plan.json")
-        c = plan.counts()
-        counts = {"heads": list(c["heads"]), "neurons": list(c["neurons"]), "dense_heads": list(plan.dense_heads),
-                  "dense_neurons": list(plan.dense_neurons), "objective": plan.meta.get("objective")}
+    counts = plan_counts(run_dir)
     retained = None if variant == "dense, no pre-training" else _pretraining_loss(out / "pretrain", run_dir / "plan.json" if counts else None)
     record = {"variant": variant, "seed": seed, "key": key, "quick": quick, "summary": summary, "wall_s": wall,
               "pretraining_loss_after_prune": retained,
-              "mlflow_run_id": info["run_id"], "history": _history(info, ("val_loss", "val_accuracy")), "counts": counts,
+              "mlflow_run_id": info["run_id"], "history": metric_histories(run_dir, ("val_loss", "val_accuracy")), "counts": counts,
               "finished_at": time.strftime("%Y-%m-%d %H:%M:%S")}
     Path(result_path).write_text(json.dumps(record))
 

@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from results_file import write_section  # noqa: E402
-from sweep_runner import add_report_args, load_results, run_forked  # noqa: E402
+from sweep_runner import add_report_args, load_results, metric_histories, plan_counts, run_forked  # noqa: E402
 
 CONFIG = ROOT / "configs" / "quickstart.yaml"
 CRITERIA = ["earlycrop", "grasp", "snip", "fisher", "magnitude", "activation", "random"]
@@ -121,30 +121,10 @@ def _child(spec: dict, out: str, quick: bool, result_path: str) -> None:
     wall = time.time() - t0
     run_dir = Path(cfg.output_dir)
     info = json.loads((run_dir / "run_info.json").read_text())
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=info["tracking_uri"])
-    mrun = client.get_run(info["run_id"])
-    start = mrun.info.start_time
-
-    def hist(name):
-        return sorted((m.step, m.value, (m.timestamp - start) / 1000.0) for m in client.get_metric_history(info["run_id"], name))
-
-    val = hist("val_loss")
-    # the final evaluation is logged twice at the last step; keep one point per step
-    val = list({s: (s, v, t) for s, v, t in val}.values())
-    plan = run_dir / "plan.json"
-    counts = None
-    if plan.is_file():
-        import earlycrop
-
-        p = earlycrop.Plan.load(plan)
-        c = p.counts()
-        counts = {"heads": list(c["heads"]), "neurons": list(c["neurons"]),
-                  "dense_heads": list(p.dense_heads), "dense_neurons": list(p.dense_neurons)}
+    hist = metric_histories(run_dir, ("val_loss", "train_loss", "tokens_per_s"))
     record = {**spec, "key": run_key(**spec), "quick": quick, "summary": summary, "wall_s": wall,
-              "mlflow_run_id": info["run_id"], "val_history": val, "train_history": hist("train_loss"),
-              "tokens_per_s_logged": [v for _, v, _ in hist("tokens_per_s")], "counts": counts,
+              "mlflow_run_id": info["run_id"], "val_history": hist["val_loss"], "train_history": hist["train_loss"],
+              "tokens_per_s_logged": [v for _, v, _ in hist["tokens_per_s"]], "counts": plan_counts(run_dir),
               "max_steps": cfg.train.max_steps, "tokens_per_step": cfg.train.micro_batch_size * cfg.data.seq_len,
               "finished_at": time.strftime("%Y-%m-%d %H:%M:%S")}
     Path(result_path).write_text(json.dumps(record))

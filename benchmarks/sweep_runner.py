@@ -77,3 +77,30 @@ def add_report_args(ap: argparse.ArgumentParser, root: Path) -> None:
     ap.add_argument("--results", default=str(root / "benchmarks" / "RESULTS.md"))
     ap.add_argument("--plots", default=str(root / "benchmarks" / "plots"))
     ap.add_argument("--extra", default=None, help="a markdown file appended to the section (hand-written notes)")
+
+
+def metric_histories(run_dir: Path, names: tuple[str, ...]) -> dict[str, list[tuple[int, float, float]]]:
+    """For each metric of the pipeline run in `run_dir` (its run_info.json names the MLflow run): the points
+    (step, value, seconds since the run started), one per step (the final evaluation is logged twice)."""
+    from mlflow.tracking import MlflowClient
+
+    info = json.loads((run_dir / "run_info.json").read_text())
+    client = MlflowClient(tracking_uri=info["tracking_uri"])
+    start = client.get_run(info["run_id"]).info.start_time
+    out = {}
+    for name in names:
+        points = {m.step: (m.step, m.value, (m.timestamp - start) / 1000.0) for m in client.get_metric_history(info["run_id"], name)}
+        out[name] = sorted(points.values())
+    return out
+
+
+def plan_counts(run_dir: Path) -> dict | None:
+    """Kept heads and neurons per layer (and the dense counts) of the run's plan.json; None for a dense run."""
+    if not (run_dir / "plan.json").is_file():
+        return None
+    import earlycrop
+
+    plan = earlycrop.Plan.load(run_dir / "plan.json")
+    c = plan.counts()
+    return {"heads": list(c["heads"]), "neurons": list(c["neurons"]), "dense_heads": list(plan.dense_heads),
+            "dense_neurons": list(plan.dense_neurons), "objective": plan.meta.get("objective")}

@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 from quality import CONFIG, CRITERIA, _flops, _interp, _ms, _reach  # noqa: E402
 from results_file import write_section  # noqa: E402
-from sweep_runner import add_report_args, load_results, run_forked  # noqa: E402
+from sweep_runner import add_report_args, load_results, metric_histories, plan_counts, run_forked  # noqa: E402
 
 DENSE_ROOT = ROOT / "runs" / "quality" / "runs"
 SECTION = "## Transfer: prune a wiki-trained model, fine-tune on news (transfer_quality.py)"
@@ -116,8 +116,6 @@ def _child(spec: dict, out: str, quick: bool, dense_root: str, extra: list[str],
     import torch
 
     torch.set_num_threads(1)
-    from mlflow.tracking import MlflowClient
-
     from pipeline.config import load_config
     from pipeline.run import run
 
@@ -127,27 +125,14 @@ def _child(spec: dict, out: str, quick: bool, dense_root: str, extra: list[str],
     wall = time.time() - t0
     run_dir = Path(cfg.output_dir)
     info = json.loads((run_dir / "run_info.json").read_text())
-    client = MlflowClient(tracking_uri=info["tracking_uri"])
-    start = client.get_run(info["run_id"]).info.start_time
-
-    def hist(name):
-        return sorted((m.step, m.value, (m.timestamp - start) / 1000.0) for m in client.get_metric_history(info["run_id"], name))
-
-    val = list({s: (s, v, t) for s, v, t in hist("val_loss")}.values())  # the final eval is logged twice
-    ready = hist("params_pruned") or hist("params_dense")  # logged when the model is ready to train
-    counts = None
-    plan_path = run_dir / "plan.json"
-    if plan_path.is_file():
-        import earlycrop
-
-        p = earlycrop.Plan.load(plan_path)
-        c = p.counts()
-        counts = {"heads": list(c["heads"]), "neurons": list(c["neurons"]),
-                  "dense_heads": list(p.dense_heads), "dense_neurons": list(p.dense_neurons)}
-    zs = zero_shot(cfg, plan_path)
+    hist = metric_histories(run_dir, ("val_loss", "train_loss", "params_pruned", "params_dense"))
+    val = hist["val_loss"]
+    ready = hist["params_pruned"] or hist["params_dense"]  # logged when the model is ready to train
+    counts = plan_counts(run_dir)
+    zs = zero_shot(cfg, run_dir / "plan.json")
     wiki = Path(cfg.model.name_or_path).parent / "summary.json"
     record = {**spec, "key": run_key(**spec), "quick": quick, "summary": summary, "wall_s": wall,
-              "mlflow_run_id": info["run_id"], "val_history": val, "train_history": hist("train_loss"),
+              "mlflow_run_id": info["run_id"], "val_history": val, "train_history": hist["train_loss"],
               "zero_shot": {**zs, "t": ready[0][2] if ready else 0.0}, "counts": counts, "overrides": extra,
               "wiki_val_loss": json.loads(wiki.read_text())["val_loss"] if wiki.is_file() else None,
               "max_steps": cfg.train.max_steps, "tokens_per_step": cfg.train.micro_batch_size * cfg.data.seq_len,
@@ -288,7 +273,7 @@ def report(args) -> None:
              "models of the Quality section (`runs/quality/runs/dense-s{seed}/model`: Llama-style, 967,808 parameters, "
              "8 query / 2 KV heads, intermediate 352, trained 600 steps on `gensim:wiki` with seed = this seed; wiki "
              "validation loss " + ", ".join(f"s{s} {v:.3f}" for s, v in wiki.items() if v is not None) + "). New domain: "
-             f"`gensim:lee` (news stories), split by story with the run's seed, tokenized with the model's own tokenizer.",
+             "`gensim:lee` (news stories), split by story with the run's seed, tokenized with the model's own tokenizer.",
              f"- Overrides of `configs/quickstart.yaml`: `{' '.join(TRANSFER + (QUICK if args.quick else []) + r0.get('overrides', []))}`, "
              "plus `model.name_or_path=<dense model>`, `seed`, and `prune.prune_at=never` (dense fine-tuning) or "
              "`prune.prune_at=0 prune.criterion=C prune.heads=prune.mlp=R`. With 4 query heads per KV group and uniform "
