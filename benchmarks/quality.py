@@ -46,6 +46,7 @@ SEEDS_FOR = {0.5: [0, 1, 2], 0.3: [0, 1], 0.7: [0, 1]}
 SECTION = "## Quality: EarlyCroP vs baselines, from scratch (quality.py)"
 PLOT_SUFFIX = ""  # plots of another budget (--max-steps) get their own names
 MICRO, SEQ = 8, 128
+CALIBRATION = 4  # calibration batches of the main sweep (quickstart.yaml's); --calibration-batches for another count
 
 # The regime. quickstart.yaml plus: 2 KV heads (so uniform per-group removal can express 25/50/75% of
 # query heads: 4 query heads per KV group), a longer budget, evaluation every 50 steps on up to 16 batches.
@@ -71,24 +72,27 @@ def set_budget(steps: int) -> None:
     SECTION = f"## Quality: EarlyCroP vs baselines, from scratch, {steps} steps (quality.py --max-steps {steps})"
 
 
-def run_key(criterion: str, ratio: float | None, prune_at: str | None, seed: int, layout: str = "uniform") -> str:
+def run_key(criterion: str, ratio: float | None, prune_at: str | None, seed: int, layout: str = "uniform",
+            calibration: int = CALIBRATION) -> str:
     if criterion == "dense":
         return f"dense-s{seed}"
-    return f"{criterion}-r{ratio}-at{prune_at}-s{seed}" + ("" if layout == "uniform" else f"-{layout}")
+    return (f"{criterion}-r{ratio}-at{prune_at}-s{seed}" + ("" if layout == "uniform" else f"-{layout}")
+            + ("" if calibration == CALIBRATION else f"-cb{calibration}"))
 
 
-def planned_runs(quick: bool, layout: str = "uniform") -> list[dict]:
+def planned_runs(quick: bool, layout: str = "uniform", calibration: int = CALIBRATION) -> list[dict]:
     if quick:
         return [dict(criterion="dense", ratio=None, prune_at=None, seed=0),
-                dict(criterion="earlycrop", ratio=0.5, prune_at="0", seed=0),
-                dict(criterion="random", ratio=0.5, prune_at="auto", seed=0)]
+                dict(criterion="earlycrop", ratio=0.5, prune_at="0", seed=0, layout=layout, calibration=calibration),
+                dict(criterion="random", ratio=0.5, prune_at="auto", seed=0, layout=layout, calibration=calibration)]
     # the dense references first (every Δ needs them), then ratio by ratio, seed by seed
     runs = [dict(criterion="dense", ratio=None, prune_at=None, seed=seed) for seed in SEEDS_FOR[0.5]]
     for ratio in RATIOS:
         for seed in SEEDS_FOR[ratio]:
             for prune_at in PRUNE_AT:
                 for crit in CRITERIA:
-                    runs.append(dict(criterion=crit, ratio=ratio, prune_at=prune_at, seed=seed, layout=layout))
+                    runs.append(dict(criterion=crit, ratio=ratio, prune_at=prune_at, seed=seed, layout=layout,
+                                     calibration=calibration))
     return runs
 
 
@@ -103,6 +107,8 @@ def overrides_for(spec: dict, out: Path, quick: bool) -> list[str]:
     else:
         ov += [f"prune.layout={spec.get('layout', 'uniform')}", f"prune.criterion={spec['criterion']}", f"prune.heads={spec['ratio']}", f"prune.mlp={spec['ratio']}",
                f"prune.prune_at={spec['prune_at']}"]
+        if spec.get("calibration", CALIBRATION) != CALIBRATION:
+            ov += [f"prune.calibration_batches={spec['calibration']}"]
     return ov
 
 
@@ -177,7 +183,7 @@ def sweep(args) -> None:
     out.mkdir(parents=True, exist_ok=True)
     done = {r["key"] for r in load_results(records)}
     todo = []
-    for spec in planned_runs(args.quick, args.layout):
+    for spec in planned_runs(args.quick, args.layout, args.calibration_batches):
         if args.criteria and spec["criterion"] not in args.criteria:
             continue
         if spec["criterion"] != "dense":
@@ -262,16 +268,18 @@ def report(args) -> None:
     dense = {r["seed"]: r for r in results if r["criterion"] == "dense"}
     groups = defaultdict(list)
     for r in results:
-        groups[(r["criterion"], r["ratio"], r["prune_at"], r.get("layout", "uniform"))].append(r)
+        groups[(r["criterion"], r["ratio"], r["prune_at"], r.get("layout", "uniform"),
+                r.get("calibration", CALIBRATION))].append(r)
 
     def order(k):
-        c, ratio, at, layout = k
-        return (c != "dense", ratio or 0, str(at), layout, CRITERIA.index(c) if c in CRITERIA else -1)
+        c, ratio, at, layout, cal = k
+        return (c != "dense", ratio or 0, str(at), layout, cal, CRITERIA.index(c) if c in CRITERIA else -1)
 
     rows = []
     for k in sorted(groups, key=order):
         rs = sorted(groups[k], key=lambda r: r["seed"])
-        c, ratio, at, layout = k
+        c, ratio, at, layout, cal = k
+        tags = ([] if layout == "uniform" else [layout]) + ([] if cal == CALIBRATION else [f"{cal} calibration batches"])
         loss = [r["summary"]["val_loss"] for r in rs]
         ppl = [r["summary"]["val_perplexity"] for r in rs]
         delta = [r["summary"]["val_loss"] - dense[r["seed"]]["summary"]["val_loss"] for r in rs if r["seed"] in dense and c != "dense"]
@@ -299,7 +307,7 @@ def report(args) -> None:
             shape = f"{heads['heads'][0]}/{heads['dense_heads'][0]} heads, {heads['neurons'][0]}/{heads['dense_neurons'][0]} MLP"
         else:  # global layout: per-layer counts (of the first seed)
             shape = f"heads {heads['heads']}, MLP {heads['neurons']} (seed {rs[0]['seed']})"
-        rows.append(dict(name=c if c == "dense" or layout == "uniform" else f"{c} (global)", ratio="–" if ratio is None else f"{ratio:.0%}",
+        rows.append(dict(name=c if c == "dense" or not tags else f"{c} ({', '.join(tags)})", ratio="–" if ratio is None else f"{ratio:.0%}",
                          at="–" if at is None else at, n=len(rs), seeds=",".join(str(r["seed"]) for r in rs),
                          loss=_ms(loss), ppl=_ms(ppl, "{:.1f}"), delta=_ms(delta, "{:+.3f}") if delta else "–",
                          eqwall=_ms(eq_wall, "{:+.3f}") if eq_wall else "–",
@@ -307,7 +315,7 @@ def report(args) -> None:
                          flops=f"{statistics.mean(flops):.2e}", tps=f"{statistics.mean(tps):,.0f}",
                          wall=f"{statistics.mean(wall):.0f}", rss=f"{statistics.mean(rss):,.0f}",
                          pruned_at=",".join("–" if a is None else str(a) for a in at_s),
-                         reach="; ".join(reach) if reach else "–", raw_delta=delta, crit=c, r=ratio, pa=at, layout=layout))
+                         reach="; ".join(reach) if reach else "–", raw_delta=delta, crit=c, r=ratio, pa=at, layout=layout, cal=cal))
 
     plots = Path(args.plots)
     plots.mkdir(parents=True, exist_ok=True)
@@ -392,15 +400,21 @@ def _shown(path: Path) -> str:
 
 def _findings(rows, args) -> list[str]:
     """Plain statements computed from the table: who beats whom at 50% by the paired Δ, beyond seed noise."""
-    by = {(w["crit"], w["r"], w["pa"], w["layout"]): w for w in rows}
+    by = {(w["crit"], w["r"], w["pa"], w["layout"], w["cal"]): w for w in rows}
+    settings = sorted({(w["pa"], w["layout"], w["cal"]) for w in rows if w["crit"] == "earlycrop"},
+                      key=lambda k: (k[2] != CALIBRATION, k[1], str(k[0])))
     out = ["**What the numbers say (computed from the table).**", ""]
     for ratio in (0.3, 0.5, 0.7):
-        for at, layout in (("0", "uniform"), ("auto", "uniform"), ("0", "global"), ("auto", "global")):
-            ec = by.get(("earlycrop", ratio, at, layout))
+        for at, layout, cal in settings:
+            ec = by.get(("earlycrop", ratio, at, layout, cal))
             if not ec or not ec["raw_delta"]:
                 continue
-            for other in ("random", "magnitude", "snip", "grasp", "fisher", "activation"):
-                ot = by.get((other, ratio, at, layout))
+            # against every other criterion in the same setting; a calibration variant also against earlycrop's default
+            others = [(o, by.get((o, ratio, at, layout, cal))) for o in ("random", "magnitude", "snip", "grasp", "fisher", "activation")]
+            if cal != CALIBRATION:
+                others.append((f"earlycrop ({CALIBRATION} batches)", by.get(("earlycrop", ratio, at, layout, CALIBRATION))))
+            setting = f"{ratio:.0%}, prune_at {at}, {layout}" + ("" if cal == CALIBRATION else f", {cal} calibration batches")
+            for other, ot in others:
                 if not ot or not ot["raw_delta"]:
                     continue
                 a, b = ec["raw_delta"], ot["raw_delta"]
@@ -410,7 +424,7 @@ def _findings(rows, args) -> list[str]:
                     verdict = "one seed only: no noise estimate, no verdict"
                 else:
                     verdict = ("earlycrop better" if diff < -noise else "earlycrop WORSE" if diff > noise else "within seed noise")
-                out.append(f"- {ratio:.0%}, prune_at {at}, {layout}: earlycrop − {other} = {diff:+.3f} val loss "
+                out.append(f"- {setting}: earlycrop − {other} = {diff:+.3f} val loss "
                            f"(larger seed std {noise:.3f}, n={len(a)}/{len(b)}): {verdict}.")
     return out + [""]
 
@@ -432,7 +446,7 @@ def _plots(results, dense, plots: Path, quick: bool) -> list[Path]:
             for ratio in sorted({0.3, 0.5, 0.7}):
                 v = [r["summary"]["val_loss"] - dense[r["seed"]]["summary"]["val_loss"] for r in results
                      if r["criterion"] == crit and r["ratio"] == ratio and r["prune_at"] == at and r["seed"] in dense
-                     and r.get("layout", "uniform") == "uniform"]
+                     and r.get("layout", "uniform") == "uniform" and r.get("calibration", CALIBRATION) == CALIBRATION]
                 if v:
                     xs.append(ratio); ys.append(statistics.mean(v)); es.append(statistics.stdev(v) if len(v) > 1 else 0)
             if xs:
@@ -451,7 +465,8 @@ def _plots(results, dense, plots: Path, quick: bool) -> list[Path]:
     # loss curves at 50%, seed 0 (or the lowest seed present): vs step and vs wall time
     seed = min(dense) if dense else 0
     for at in PRUNE_AT:
-        sel = [r for r in results if r["seed"] == seed and (r["criterion"] == "dense" or (r["ratio"] == 0.5 and r["prune_at"] == at and r.get("layout", "uniform") == "uniform"))]
+        sel = [r for r in results if r["seed"] == seed and (r["criterion"] == "dense" or (r["ratio"] == 0.5 and r["prune_at"] == at and r.get("layout", "uniform") == "uniform"
+                                                                                    and r.get("calibration", CALIBRATION) == CALIBRATION))]
         if len(sel) < 2:
             continue
         fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
@@ -474,6 +489,12 @@ def _plots(results, dense, plots: Path, quick: bool) -> list[Path]:
     return made
 
 
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"need a positive whole number, not {text!r}")
+    return int(text)
+
+
 def _shard(text: str) -> tuple[int, int]:
     try:
         index, count = (int(x) for x in text.split("/"))
@@ -494,6 +515,8 @@ def main() -> None:
     ap.add_argument("--prune-at", type=lambda s: s.split(","), default=None, help="0,auto")
     ap.add_argument("--layout", default="uniform", choices=["uniform", "global"],
                     help="selection layout of the pruned runs (global: one ranking across layers, as the paper; runs get a -global suffix)")
+    ap.add_argument("--calibration-batches", type=_positive, default=CALIBRATION,
+                    help=f"calibration batches the pruned runs score on ({CALIBRATION}: the main sweep); other counts get a -cb<N> suffix")
     ap.add_argument("--max-steps", type=int, default=600,
                     help="training steps of every run (600: the main sweep); another budget uses its own folder "
                          "runs/quality-steps<N> and its own RESULTS.md section")
