@@ -16,7 +16,7 @@ heads and MLP neurons removed before fine-tuning. The variants differ only in ho
     python benchmarks/encoder_quality.py --variants dense,magnitude-global --seeds 3,4
     python benchmarks/encoder_quality.py --report       # the section of benchmarks/RESULTS.md
 
-Runs are appended to `<out>/results.jsonl` (a rerun skips what is there) and logged to one MLflow
+Runs are appended to `benchmarks/records/encoder-<base>.jsonl` (a rerun skips what is there) and logged to one MLflow
 experiment in `<out>/mlflow.db`; each runs in a forked child, like benchmarks/quality.py.
 """
 
@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 
 from quality import REGIME, _ms  # noqa: E402
 from results_file import write_section  # noqa: E402
-from sweep_runner import add_report_args, load_results, metric_histories, plan_counts, run_forked, run_forked_step  # noqa: E402
+from sweep_runner import add_report_args, default_records, shown, load_results, metric_histories, plan_counts, run_forked, run_forked_step  # noqa: E402
 
 FINETUNE = ROOT / "configs" / "bert_prune_pretrained.yaml"
 # the pre-trained model: its config, overrides, and the config.json keys that rebuild its shape from scratch
@@ -181,14 +181,14 @@ def sweep(args) -> None:
             raise SystemExit(f"pre-training failed; see {out / 'failures.log'}")
     pre = json.loads((out / "pretrain" / "summary.json").read_text())
     print(f"pretrained {args.base}: val loss {pre['val_loss']:.3f} after {pre['steps']} steps", flush=True)
-    done = {r["key"] for r in load_results(out / "results.jsonl")}
+    done = {r["key"] for r in load_results(args.records)}
     variants = args.variants or (QUICK_VARIANTS if args.quick else list(VARIANTS))
     todo = [(v, s) for s in (args.seeds or ([0] if args.quick else SEEDS)) for v in variants if f"{slug(v)}-s{s}" not in done]
-    print(f"{len(done)} runs already in {out / 'results.jsonl'}; {len(todo)} to run", flush=True)
+    print(f"{len(done)} runs already in {args.records}; {len(todo)} to run", flush=True)
     for i, (variant, seed) in enumerate(todo, 1):
         key = f"{slug(variant)}-s{seed}"
         print(f"[{i}/{len(todo)}] {key} ...", flush=True)
-        record = run_forked(out, out / "results.jsonl", key, _finetune_child, variant, seed, str(out), args.quick, args.base)
+        record = run_forked(out, args.records, key, _finetune_child, variant, seed, str(out), args.quick, args.base)
         if record is None:
             continue
         s = record["summary"]
@@ -201,9 +201,9 @@ def sweep(args) -> None:
 
 def report(args) -> None:
     out = Path(args.out)
-    results = [r for r in load_results(out / "results.jsonl") if r["quick"] == args.quick]
+    results = [r for r in load_results(args.records) if r["quick"] == args.quick]
     if not results:
-        raise SystemExit(f"no results in {out / 'results.jsonl'}")
+        raise SystemExit(f"no results in {args.records}")
     by = defaultdict(list)
     for r in results:
         by[r["variant"]].append(r)
@@ -233,7 +233,7 @@ def report(args) -> None:
              + (" --pretrained runs/quality/runs/dense-s0" if args.base == "llama" else "")
              + f"` then `python benchmarks/encoder_quality.py --base {args.base} --report`"
              + (" (`--quick`: smoke numbers, meaningless as quality)" if args.quick else "") + ".",
-             f"Report written {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; runs in `{out}`. Machine: "
+             f"Report written {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; records in `{shown(args.records, ROOT)}`, runs in `{out}`. Machine: "
              f"{platform.machine()}, 2 logical cores shared with other jobs, one thread per run; no GPU.",
              "",
              f"**Setup.** Pretrained model: {DESCRIBE[args.base]}, trained on gensim:wiki for {pre['steps']} steps; held-out "
@@ -339,6 +339,7 @@ def main() -> None:
         if unknown:
             ap.error(f"unknown variants {unknown}; choose from: {'; '.join(VARIANTS)}")
     args.out = args.out or str(ROOT / "runs" / f"encoder-{args.base}{'-quick' if args.quick else ''}")
+    args.records = default_records(args, ROOT, f"encoder-{args.base}")
     report(args) if args.report else sweep(args)
 
 

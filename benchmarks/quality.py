@@ -14,8 +14,9 @@ weight-distance rule (`prune_at: auto`), the same number of training tokens for 
 Each finished run is appended to `benchmarks/records/quality.jsonl` (committed with the report, so the
 numbers outlive the machine; `--records` for another file); a rerun skips runs already there, so an
 interrupted sweep resumes where it stopped. Every run is also an MLflow run of one experiment in one
-sqlite store, `<out>/mlflow.db`, and leaves its model under `<out>/runs/`. Each run executes in a forked child process (the pipeline in-process
-there), so a crash does not end the sweep and the peak RSS is that run's own.
+sqlite store, `<out>/mlflow.db`, and leaves its model under `<out>/runs/`. Each run executes in a forked
+child process (the pipeline in-process there), so a crash does not end the sweep and the peak RSS is that
+run's own.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from results_file import write_section  # noqa: E402
-from sweep_runner import add_report_args, load_results, metric_histories, plan_counts, run_forked  # noqa: E402
+from sweep_runner import add_report_args, default_records, shown, load_results, metric_histories, plan_counts, run_forked  # noqa: E402
 
 CONFIG = ROOT / "configs" / "quickstart.yaml"
 CRITERIA = ["earlycrop", "grasp", "snip", "fisher", "magnitude", "activation", "random"]
@@ -332,9 +333,9 @@ def report(args) -> None:
     lines += [
         "Command: `python benchmarks/quality.py [filters]` then `python benchmarks/quality.py --report`"
         + (" (with `--quick`: smoke-run numbers, meaningless as quality)" if args.quick else "") + ".",
-        f"Report written {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; records in `{_shown(records)}` (every number "
+        f"Report written {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; records in `{shown(records, ROOT)}` (every number "
         f"below is computed from them), one MLflow experiment `earlycrop-quality{'-quick' if args.quick else ''}` in "
-        f"`<out>/mlflow.db`. Machine: {platform.processor() or platform.machine()}, 2 logical cores shared with other jobs, {at_once}, "
+        f"`{shown(Path(args.out) / 'mlflow.db', ROOT)}` (not committed). Machine: {platform.processor() or platform.machine()}, 2 logical cores shared with other jobs, {at_once}, "
         "`torch.set_num_threads(1)`; no GPU. Times are wall-clock on a shared machine: trust them to ±20%.",
         "",
         "**Regime.** `configs/quickstart.yaml` (Llama-style, hidden 128, 4 layers, 8 query heads, intermediate 352, tied "
@@ -388,14 +389,6 @@ def report(args) -> None:
         text += "\n" + Path(args.extra).read_text().rstrip() + "\n"
     write_section(Path(args.results), SECTION, text)
     print(text)
-
-
-def _shown(path: Path) -> str:
-    """A path relative to the repository when it is inside it."""
-    try:
-        return str(path.resolve().relative_to(ROOT))
-    except ValueError:
-        return str(path)
 
 
 def _findings(rows, args) -> list[str]:
@@ -520,9 +513,6 @@ def main() -> None:
     ap.add_argument("--max-steps", type=int, default=600,
                     help="training steps of every run (600: the main sweep); another budget uses its own folder "
                          "runs/quality-steps<N> and its own RESULTS.md section")
-    ap.add_argument("--records", default=None,
-                    help="JSONL file of finished runs (default benchmarks/records/quality[-steps<N>].jsonl, "
-                         "or <out>/results.jsonl with --quick)")
     ap.add_argument("--shard", type=_shard, default=(0, 1), metavar="I/N",
                     help="run only every N-th pending run starting at I: start N processes (I = 0..N-1) to use N cores")
     add_report_args(ap, ROOT)
@@ -532,10 +522,7 @@ def main() -> None:
     if args.out is None:
         args.out = str(ROOT / "runs" / ("quality-quick" if args.quick else
                                         "quality" if args.max_steps == 600 else f"quality-steps{args.max_steps}"))
-    if args.records is None:
-        args.records = str(Path(args.out) / "results.jsonl" if args.quick else
-                           ROOT / "benchmarks" / "records" / ("quality.jsonl" if args.max_steps == 600
-                                                              else f"quality-steps{args.max_steps}.jsonl"))
+    args.records = default_records(args, ROOT, "quality" if args.max_steps == 600 else f"quality-steps{args.max_steps}")
     if args.report:
         report(args)
     else:

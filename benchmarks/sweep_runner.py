@@ -72,7 +72,10 @@ def run_forked(out: Path, records: Path, key: str, target: Callable, *args, fail
 
 
 def add_report_args(ap: argparse.ArgumentParser, root: Path) -> None:
-    """--report / --results / --plots / --extra, the same in every sweep script."""
+    """--records / --report / --results / --plots / --extra, the same in every sweep script."""
+    ap.add_argument("--records", default=None,
+                    help="JSONL file of finished runs (default benchmarks/records/<sweep>.jsonl, committed with the "
+                         "report so the numbers outlive the machine; <out>/results.jsonl with --quick)")
     ap.add_argument("--report", action="store_true", help="write the RESULTS.md section from the records file")
     ap.add_argument("--results", default=str(root / "benchmarks" / "RESULTS.md"))
     ap.add_argument("--plots", default=str(root / "benchmarks" / "plots"))
@@ -104,3 +107,19 @@ def plan_counts(run_dir: Path) -> dict | None:
     c = plan.counts()
     return {"heads": list(c["heads"]), "neurons": list(c["neurons"]), "dense_heads": list(plan.dense_heads),
             "dense_neurons": list(plan.dense_neurons), "objective": plan.meta.get("objective")}
+
+
+def default_records(args: argparse.Namespace, root: Path, name: str) -> Path:
+    """The records file: --records, else `<out>/results.jsonl` for a --quick smoke run (not worth keeping), else
+    `benchmarks/records/<name>.jsonl`."""
+    if args.records:
+        return Path(args.records)
+    return Path(args.out) / "results.jsonl" if args.quick else root / "benchmarks" / "records" / f"{name}.jsonl"
+
+
+def shown(path: Path, root: Path) -> str:
+    """`path` relative to the repository root when it is inside it (as a report prints it)."""
+    try:
+        return str(Path(path).resolve().relative_to(root))
+    except ValueError:
+        return str(path)

@@ -13,7 +13,7 @@ child process (these runs predate the pipeline's own step-0 evaluation, `val_los
     python benchmarks/transfer_quality.py --ratios 0.7        # 7 criteria at 70%, seeds 0 and 1
     python benchmarks/transfer_quality.py --report            # write the section of benchmarks/RESULTS.md
 
-Each finished run is appended to `<out>/results.jsonl`; a rerun skips runs already there. Every run is an MLflow
+Each finished run is appended to `benchmarks/records/transfer.jsonl` (`--records`); a rerun skips runs already there. Every run is an MLflow
 run of one experiment in one sqlite store, `<out>/mlflow.db`. Each run executes in a forked child process, so a
 crash does not end the sweep (traceback in `<out>/failures.log`) and the peak RSS is that run's own.
 """
@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 from quality import CONFIG, CRITERIA, _flops, _interp, _ms, _reach  # noqa: E402
 from results_file import write_section  # noqa: E402
-from sweep_runner import add_report_args, load_results, metric_histories, plan_counts, run_forked  # noqa: E402
+from sweep_runner import add_report_args, default_records, shown, load_results, metric_histories, plan_counts, run_forked  # noqa: E402
 
 DENSE_ROOT = ROOT / "runs" / "quality" / "runs"
 SECTION = "## Transfer: prune a wiki-trained model, fine-tune on news (transfer_quality.py)"
@@ -147,17 +147,17 @@ def sweep(args) -> None:
     missing = [s for s in (args.seeds or [0, 1, 2]) if not (Path(args.dense_root) / f"dense-s{s}" / "model").is_dir()]
     if missing:
         raise SystemExit(f"no trained dense model for seeds {missing} under {args.dense_root}: run benchmarks/quality.py first")
-    done = {r["key"] for r in load_results(out / "results.jsonl")}
+    done = {r["key"] for r in load_results(args.records)}
     todo = [s for s in planned_runs(args.quick)
             if (not args.criteria or s["criterion"] in args.criteria)
             and (s["criterion"] == "dense" or not args.ratios or s["ratio"] in args.ratios)
             and (args.seeds is None or s["seed"] in args.seeds) and run_key(**s) not in done]
-    print(f"{len(done)} runs already in {out / 'results.jsonl'}; {len(todo)} to run", flush=True)
+    print(f"{len(done)} runs already in {args.records}; {len(todo)} to run", flush=True)
     for i, spec in enumerate(todo, 1):
         key = run_key(**spec)
         print(f"[{i}/{len(todo)}] {key} ...", flush=True)
         t0 = time.time()
-        record = run_forked(out, out / "results.jsonl", key, _child, spec, str(out), args.quick, args.dense_root, args.set,
+        record = run_forked(out, args.records, key, _child, spec, str(out), args.quick, args.dense_root, args.set,
                             failed_note="; not recorded, a rerun retries it")
         if record is None:
             continue
@@ -253,9 +253,9 @@ def _verdicts(rows: list[dict], field: str, label: str) -> list[str]:
 
 def report(args) -> None:
     out = Path(args.out)
-    results = [r for r in load_results(out / "results.jsonl") if r.get("quick", False) == args.quick]
+    results = [r for r in load_results(args.records) if r.get("quick", False) == args.quick]
     if not results:
-        raise SystemExit(f"no results in {out / 'results.jsonl'}")
+        raise SystemExit(f"no results in {args.records}")
     dense = {r["seed"]: r for r in results if r["criterion"] == "dense"}
     rows = _rows(results, dense)
     made = _plots(results, dense, Path(args.plots), args.quick)
@@ -265,7 +265,7 @@ def report(args) -> None:
     lines = [SECTION, "",
              "Command: `nice -n 5 python benchmarks/transfer_quality.py [filters]` then `python benchmarks/transfer_quality.py "
              "--report`" + (" (with `--quick`: smoke-run numbers, meaningless as quality)" if args.quick else "") + ".",
-             f"Report written {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; runs in `{out}` (results.jsonl, one MLflow "
+             f"Report written {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; records in `{shown(args.records, ROOT)}`, runs in `{out}` (one MLflow "
              f"experiment `earlycrop-transfer{'-quick' if args.quick else ''}` in `{out}/mlflow.db`). Machine: "
              f"{platform.processor() or platform.machine()}, 2 logical cores shared with other jobs (one of them busy with "
              "another sweep), one run at a time, `torch.set_num_threads(1)`; no GPU. Wall times: trust them to ±20%.", "",
@@ -397,6 +397,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.out is None:
         args.out = str(ROOT / "runs" / ("transfer-quick" if args.quick else "transfer"))
+    args.records = default_records(args, ROOT, "transfer")
     if args.report:
         report(args)
     else:
