@@ -81,7 +81,9 @@ def run_key(criterion: str, ratio: float | None, prune_at: str | None, seed: int
             + ("" if calibration == CALIBRATION else f"-cb{calibration}"))
 
 
-def planned_runs(quick: bool, layout: str = "uniform", calibration: int = CALIBRATION) -> list[dict]:
+def planned_runs(quick: bool, layout: str = "uniform", calibration: int = CALIBRATION,
+                 prune_ats: list[str] | None = None) -> list[dict]:
+    """The sweep's runs in order; `prune_ats` replaces the moments 0 and auto (a step number prunes there)."""
     if quick:
         return [dict(criterion="dense", ratio=None, prune_at=None, seed=0),
                 dict(criterion="earlycrop", ratio=0.5, prune_at="0", seed=0, layout=layout, calibration=calibration),
@@ -90,7 +92,7 @@ def planned_runs(quick: bool, layout: str = "uniform", calibration: int = CALIBR
     runs = [dict(criterion="dense", ratio=None, prune_at=None, seed=seed) for seed in SEEDS_FOR[0.5]]
     for ratio in RATIOS:
         for seed in SEEDS_FOR[ratio]:
-            for prune_at in PRUNE_AT:
+            for prune_at in prune_ats or PRUNE_AT:
                 for crit in CRITERIA:
                     runs.append(dict(criterion=crit, ratio=ratio, prune_at=prune_at, seed=seed, layout=layout,
                                      calibration=calibration))
@@ -184,13 +186,11 @@ def sweep(args) -> None:
     out.mkdir(parents=True, exist_ok=True)
     done = {r["key"] for r in load_results(records)}
     todo = []
-    for spec in planned_runs(args.quick, args.layout, args.calibration_batches):
+    for spec in planned_runs(args.quick, args.layout, args.calibration_batches, args.prune_at):
         if args.criteria and spec["criterion"] not in args.criteria:
             continue
         if spec["criterion"] != "dense":
             if args.ratios and spec["ratio"] not in args.ratios:
-                continue
-            if args.prune_at and spec["prune_at"] not in args.prune_at:
                 continue
         if args.seeds is not None and spec["seed"] not in args.seeds:
             continue
@@ -488,6 +488,14 @@ def _positive(text: str) -> int:
     return int(text)
 
 
+def _prune_ats(text: str) -> list[str]:
+    moments = text.split(",")
+    bad = [m for m in moments if m != "auto" and not m.isdigit()]
+    if bad:
+        raise argparse.ArgumentTypeError(f"pruning moments are 0, auto or a step number, not {bad}")
+    return moments
+
+
 def _shard(text: str) -> tuple[int, int]:
     try:
         index, count = (int(x) for x in text.split("/"))
@@ -505,7 +513,8 @@ def main() -> None:
     ap.add_argument("--criteria", type=lambda s: s.split(","), default=None, help="comma list; 'dense' included")
     ap.add_argument("--ratios", type=lambda s: [float(x) for x in s.split(",")], default=None)
     ap.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=None)
-    ap.add_argument("--prune-at", type=lambda s: s.split(","), default=None, help="0,auto")
+    ap.add_argument("--prune-at", type=_prune_ats, default=None,
+                    help="comma list of pruning moments: 0, auto or a step number (default 0,auto)")
     ap.add_argument("--layout", default="uniform", choices=["uniform", "global"],
                     help="selection layout of the pruned runs (global: one ranking across layers, as the paper; runs get a -global suffix)")
     ap.add_argument("--calibration-batches", type=_positive, default=CALIBRATION,
