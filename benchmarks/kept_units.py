@@ -9,7 +9,8 @@ and measures, per criterion:
 - the mean weight norm of the units it keeps, relative to the layer's mean (1.0 = what random keeps on average);
 and sets them beside the paired Δ val loss from the sweep's records. Where the sweep also scored the same init with more
 calibration batches (`--calibration-batches`), it reports how well the scores of the two batch counts agree: scores that
-change ranking with the batches drawn are mostly sampling noise.
+change ranking with the batches drawn are mostly sampling noise. Last, for every pruning moment (0, auto, a step), how
+much the kept sets of the informed criteria agree with each other and with random (Jaccard overlap).
 
     python benchmarks/kept_units.py            # after benchmarks/quality.py; writes its RESULTS.md section
 
@@ -91,7 +92,39 @@ def stability(runs: Path) -> list[dict]:
     return rows
 
 
-def report(rows: list[dict], stable: list[dict], records: Path, out_json: Path, results: Path) -> str:
+INFORMED = ["earlycrop", "snip", "fisher", "magnitude", "activation"]  # grasp ranks by a signed score: left out
+
+
+def _jaccard(a: list[int], b: list[int]) -> float:
+    return len(set(a) & set(b)) / len(set(a) | set(b))
+
+
+def agreement(runs: Path) -> list[dict]:
+    """Per (ratio, pruning moment, seed) of the uniform runs: mean Jaccard overlap of the kept neurons and heads,
+    within each layer, over the pairs of informed criteria, and between random and each informed criterion."""
+    plans = defaultdict(dict)
+    for folder in runs.glob("*-r*-at*-s*"):
+        if folder.name.count("-") == 3 and (folder / "plan.json").is_file():
+            criterion, ratio, at, seed = folder.name.split("-")
+            plans[(float(ratio[1:]), at[2:], int(seed[1:]))][criterion] = json.loads((folder / "plan.json").read_text())
+    rows = []
+    for (ratio, at, seed), by in sorted(plans.items()):
+        informed = [c for c in INFORMED if c in by]
+        if len(informed) < 2 or "random" not in by:
+            continue
+        row = {"ratio": ratio, "prune_at": at, "seed": seed, "criteria": informed}
+        for kind in ("heads", "neurons"):
+            def overlap(a, b):
+                return statistics.mean(_jaccard(x, y) for x, y in zip(by[a][kind], by[b][kind]))
+            row[f"informed_{kind}"] = statistics.mean(overlap(a, b) for i, a in enumerate(informed) for b in informed[i + 1:])
+            row[f"random_{kind}"] = statistics.mean(overlap("random", c) for c in informed)
+            kept, total = len(by["random"][kind][0]), by["random"][f"dense_{kind}"][0]
+            row[f"chance_{kind}"] = kept / (2 * total - kept)  # expected Jaccard of two random k-subsets, near enough
+        rows.append(row)
+    return rows
+
+
+def report(rows: list[dict], stable: list[dict], agree: list[dict], records: Path, out_json: Path, results: Path) -> str:
     deltas = {}
     runs = load_results(records)
     dense = {r["seed"]: r["summary"]["val_loss"] for r in runs if r["criterion"] == "dense"}
@@ -104,7 +137,7 @@ def report(rows: list[dict], stable: list[dict], records: Path, out_json: Path, 
         row["delta_val_loss"] = deltas.get((row["criterion"], row["ratio"], row["seed"]))
         by[(row["criterion"], row["ratio"])].append(row)
     out_json.parent.mkdir(parents=True, exist_ok=True)
-    out_json.write_text(json.dumps({"kept": rows, "score_stability": stable}, indent=1))
+    out_json.write_text(json.dumps({"kept": rows, "score_stability": stable, "agreement": agree}, indent=1))
 
     def ms(values, fmt="{:.2f}"):
         values = [v for v in values if v is not None]
@@ -144,6 +177,20 @@ def report(rows: list[dict], stable: list[dict], records: Path, out_json: Path, 
         for (criterion, batches), group in sorted(groups.items(), key=lambda kv: (CRITERIA.index(kv[0][0]), kv[0][1])):
             lines.append(f"| {criterion} | {batches} | {','.join(str(r['seed']) for r in group)} | "
                          f"{ms([r['rho_heads'] for r in group])} | {ms([r['rho_neurons'] for r in group])} |")
+    if agree:
+        groups = defaultdict(list)
+        for row in agree:
+            groups[(row["ratio"], row["prune_at"])].append(row)
+        lines += ["", "Do the criteria keep the same units? Mean Jaccard overlap of the kept sets within each layer (mean over "
+                  f"layers and seeds): between every pair of the informed criteria ({', '.join(INFORMED)}), between random "
+                  "and each of them, and what two random draws share by chance.", "",
+                  "| removed | prune_at | seeds | neurons: informed pairs | neurons: random vs informed | neurons: chance "
+                  "| heads: informed pairs | heads: random vs informed | heads: chance |",
+                  "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+        for (ratio, at), group in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1] == "auto", kv[0][1])):
+            lines.append(f"| {ratio:.0%} | {at} | {','.join(str(r['seed']) for r in group)} | "
+                         + " | ".join(ms([r[f"{who}_{kind}"] for r in group]) for kind in ("neurons", "heads")
+                                      for who in ("informed", "random", "chance")) + " |")
     text = "\n".join(lines) + "\n"
     write_section(results, SECTION, text)
     return text
@@ -159,7 +206,8 @@ def main() -> None:
     rows = measure(Path(args.runs))
     if not rows:
         raise SystemExit(f"no finished uniform prune_at 0 runs with a magnitude run of the same seed under {args.runs}")
-    print(report(rows, stability(Path(args.runs)), Path(args.records), Path(args.json), Path(args.results)))
+    runs = Path(args.runs)
+    print(report(rows, stability(runs), agreement(runs), Path(args.records), Path(args.json), Path(args.results)))
 
 
 if __name__ == "__main__":
