@@ -35,7 +35,7 @@ from sweep_runner import load_results, shown  # noqa: E402
 
 CRITERIA = ["earlycrop", "grasp", "snip", "fisher", "magnitude", "activation", "random"]
 RATIOS = (0.3, 0.5, 0.7)
-SECTION = "## What each criterion keeps at initialisation (kept_units.py)"
+SECTION = "## What each criterion keeps (kept_units.py)"
 
 
 def _spearman(a, b) -> float:
