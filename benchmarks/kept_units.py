@@ -124,6 +124,13 @@ def agreement(runs: Path) -> list[dict]:
     return rows
 
 
+def _grouped(rows: list[dict], *keys: str) -> dict[tuple, list[dict]]:
+    groups = defaultdict(list)
+    for row in rows:
+        groups[tuple(row[k] for k in keys)].append(row)
+    return groups
+
+
 def report(rows: list[dict], stable: list[dict], agree: list[dict], records: Path, out_json: Path, results: Path) -> str:
     deltas = {}
     runs = load_results(records)
@@ -167,9 +174,7 @@ def report(rows: list[dict], stable: list[dict], agree: list[dict], records: Pat
                          f"{ms([r['kept_norm_neurons'] for r in group], '{:.3f}')} | "
                          f"{ms([r['delta_val_loss'] for r in group], '{:+.3f}')} |")
     if stable:
-        groups = defaultdict(list)
-        for row in stable:
-            groups[(row["criterion"], row["batches"])].append(row)
+        groups = _grouped(stable, "criterion", "batches")
         lines += ["", "Do the scores of one init depend on which calibration batches were drawn? ρ = Spearman rank correlation, "
                   "within each layer (mean over layers and seeds), of the scores from 4 calibration batches with the "
                   "scores from more batches of the same training split.", "",
@@ -178,9 +183,7 @@ def report(rows: list[dict], stable: list[dict], agree: list[dict], records: Pat
             lines.append(f"| {criterion} | {batches} | {','.join(str(r['seed']) for r in group)} | "
                          f"{ms([r['rho_heads'] for r in group])} | {ms([r['rho_neurons'] for r in group])} |")
     if agree:
-        groups = defaultdict(list)
-        for row in agree:
-            groups[(row["ratio"], row["prune_at"])].append(row)
+        groups = _grouped(agree, "ratio", "prune_at")
         lines += ["", "Do the criteria keep the same units? Mean Jaccard overlap of the kept sets within each layer (mean over "
                   f"layers and seeds): between every pair of the informed criteria ({', '.join(INFORMED)}), between random "
                   "and each of them, and what two random draws share by chance.", "",
