@@ -39,7 +39,8 @@ sys.path.insert(0, str(ROOT))
 
 from quality import REGIME, _ms  # noqa: E402
 from results_file import write_section  # noqa: E402
-from sweep_runner import add_report_args, default_records, shown, load_results, metric_histories, plan_counts, run_forked, run_forked_step  # noqa: E402
+from sweep_runner import (add_report_args, default_records, load_results, metric_histories, plan_counts,  # noqa: E402
+                          run_forked, run_forked_step, shown)
 
 FINETUNE = ROOT / "configs" / "bert_prune_pretrained.yaml"
 # the pre-trained model: its config, overrides, and the config.json keys that rebuild its shape from scratch

@@ -30,10 +30,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from quality import CRITERIA, _ms, is_main_variant  # noqa: E402
 from results_file import write_section  # noqa: E402
 from sweep_runner import load_results, shown  # noqa: E402
 
-CRITERIA = ["earlycrop", "grasp", "snip", "fisher", "magnitude", "activation", "random"]
 RATIOS = (0.3, 0.5, 0.7)
 SECTION = "## What each criterion keeps (kept_units.py)"
 
@@ -52,16 +52,19 @@ def measure(runs: Path) -> list[dict]:
     """One row per (criterion, ratio, seed) of the uniform `prune_at: 0` runs found under `runs`."""
     from safetensors.torch import load_file
 
+    norms_of_seed: dict[str, dict | None] = {}  # the magnitude scores of each seed's init, read once
     rows = []
     for folder in sorted(runs.glob("*-at0-s*")):
         name = folder.name
         if not (folder / "plan.json").is_file() or not (folder / "scores.safetensors").is_file() or name.count("-") != 3:
             continue  # unfinished, or a variant (global layout, other calibration): only the plain uniform runs
         criterion, ratio, _, seed = name.split("-")
-        norms_folder = next(iter(sorted(runs.glob(f"magnitude-r*-at0-{seed}"))), None)
-        if norms_folder is None or not (norms_folder / "scores.safetensors").is_file():
+        if seed not in norms_of_seed:
+            found = [f / "scores.safetensors" for f in sorted(runs.glob(f"magnitude-r*-at0-{seed}")) if (f / "scores.safetensors").is_file()]
+            norms_of_seed[seed] = load_file(found[0]) if found else None
+        norms = norms_of_seed[seed]
+        if norms is None:
             continue
-        norms = load_file(norms_folder / "scores.safetensors")
         scores = load_file(folder / "scores.safetensors")
         plan = json.loads((folder / "plan.json").read_text())
         row = {"criterion": criterion, "ratio": float(ratio[1:]), "seed": int(seed[1:])}
@@ -136,8 +139,7 @@ def report(rows: list[dict], stable: list[dict], agree: list[dict], records: Pat
     runs = load_results(records)
     dense = {r["seed"]: r["summary"]["val_loss"] for r in runs if r["criterion"] == "dense"}
     for r in runs:
-        if r["criterion"] != "dense" and r["prune_at"] == "0" and r.get("layout", "uniform") == "uniform" \
-                and r.get("calibration", 4) == 4 and r["seed"] in dense:
+        if r["criterion"] != "dense" and r["prune_at"] == "0" and is_main_variant(r) and r["seed"] in dense:
             deltas[(r["criterion"], r["ratio"], r["seed"])] = r["summary"]["val_loss"] - dense[r["seed"]]
     by = defaultdict(list)
     for row in rows:
@@ -147,10 +149,7 @@ def report(rows: list[dict], stable: list[dict], agree: list[dict], records: Pat
     out_json.write_text(json.dumps({"kept": rows, "score_stability": stable, "agreement": agree}, indent=1))
 
     def ms(values, fmt="{:.2f}"):
-        values = [v for v in values if v is not None]
-        if not values:
-            return "–"
-        return fmt.format(statistics.mean(values)) + ("" if len(values) == 1 else f" ± {fmt.replace('+', '').format(statistics.stdev(values))}")
+        return _ms([v for v in values if v is not None], fmt)
 
     lines = [SECTION, "",
              f"Command: `python benchmarks/kept_units.py` (reads the quality sweep's run folders; rows in "
@@ -206,10 +205,10 @@ def main() -> None:
     ap.add_argument("--json", default=str(ROOT / "benchmarks" / "records" / "kept_units.json"), help="where the rows go")
     ap.add_argument("--results", default=str(ROOT / "benchmarks" / "RESULTS.md"))
     args = ap.parse_args()
-    rows = measure(Path(args.runs))
-    if not rows:
-        raise SystemExit(f"no finished uniform prune_at 0 runs with a magnitude run of the same seed under {args.runs}")
     runs = Path(args.runs)
+    rows = measure(runs)
+    if not rows:
+        raise SystemExit(f"no finished uniform prune_at 0 runs with a magnitude run of the same seed under {runs}")
     print(report(rows, stability(runs), agreement(runs), Path(args.records), Path(args.json), Path(args.results)))
 
 

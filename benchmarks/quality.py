@@ -37,7 +37,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from results_file import write_section  # noqa: E402
-from sweep_runner import add_report_args, default_records, shown, load_results, metric_histories, plan_counts, run_forked  # noqa: E402
+from sweep_runner import (add_report_args, default_records, load_results, metric_histories, plan_counts,  # noqa: E402
+                          run_forked, shown)
 
 CONFIG = ROOT / "configs" / "quickstart.yaml"
 CRITERIA = ["earlycrop", "grasp", "snip", "fisher", "magnitude", "activation", "random"]
@@ -71,6 +72,11 @@ def set_budget(steps: int) -> None:
     REGIME[REGIME.index("train.max_steps=600")] = f"train.max_steps={steps}"
     PLOT_SUFFIX = f"_steps{steps}"
     SECTION = f"## Quality: EarlyCroP vs baselines, from scratch, {steps} steps (quality.py --max-steps {steps})"
+
+
+def is_main_variant(record: dict) -> bool:
+    """A run of the main sweep's variant: uniform layout, the default calibration batches."""
+    return record.get("layout", "uniform") == "uniform" and record.get("calibration", CALIBRATION) == CALIBRATION
 
 
 def run_key(criterion: str, ratio: float | None, prune_at: str | None, seed: int, layout: str = "uniform",
@@ -439,7 +445,7 @@ def _plots(results, dense, plots: Path, quick: bool) -> list[Path]:
             for ratio in sorted({0.3, 0.5, 0.7}):
                 v = [r["summary"]["val_loss"] - dense[r["seed"]]["summary"]["val_loss"] for r in results
                      if r["criterion"] == crit and r["ratio"] == ratio and r["prune_at"] == at and r["seed"] in dense
-                     and r.get("layout", "uniform") == "uniform" and r.get("calibration", CALIBRATION) == CALIBRATION]
+                     and is_main_variant(r)]
                 if v:
                     xs.append(ratio); ys.append(statistics.mean(v)); es.append(statistics.stdev(v) if len(v) > 1 else 0)
             if xs:
@@ -458,8 +464,7 @@ def _plots(results, dense, plots: Path, quick: bool) -> list[Path]:
     # loss curves at 50%, seed 0 (or the lowest seed present): vs step and vs wall time
     seed = min(dense) if dense else 0
     for at in PRUNE_AT:
-        sel = [r for r in results if r["seed"] == seed and (r["criterion"] == "dense" or (r["ratio"] == 0.5 and r["prune_at"] == at and r.get("layout", "uniform") == "uniform"
-                                                                                    and r.get("calibration", CALIBRATION) == CALIBRATION))]
+        sel = [r for r in results if r["seed"] == seed and (r["criterion"] == "dense" or (r["ratio"] == 0.5 and r["prune_at"] == at and is_main_variant(r)))]
         if len(sel) < 2:
             continue
         fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)

@@ -36,7 +36,8 @@ sys.path.insert(0, str(ROOT))
 
 from quality import CONFIG, CRITERIA, _flops, _interp, _ms, _reach  # noqa: E402
 from results_file import write_section  # noqa: E402
-from sweep_runner import add_report_args, default_records, shown, load_results, metric_histories, plan_counts, run_forked  # noqa: E402
+from sweep_runner import (add_report_args, default_records, load_results, metric_histories, plan_counts,  # noqa: E402
+                          run_forked, shown)
 
 DENSE_ROOT = ROOT / "runs" / "quality" / "runs"
 SECTION = "## Transfer: prune a wiki-trained model, fine-tune on news (transfer_quality.py)"
