@@ -14,6 +14,7 @@ from pipeline import data as data_lib
 
 from . import launching
 
+pytestmark = pytest.mark.slow  # every test here launches torchrun
 
 DATA_CRITERIA = ["earlycrop", "grasp", "snip", "fisher", "activation"]
 

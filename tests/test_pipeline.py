@@ -231,6 +231,7 @@ def test_auto_prunes_when_weights_settle_and_logs_the_trace(tmp_path):
     assert "auto_schedule.json" in artifact_paths(client, run.info.run_id)
 
 
+@pytest.mark.slow
 def test_target_budget_picks_the_plan_and_logs_the_report(tmp_path):
     out = tmp_path / "target"
     launching.cli("run", CONFIG, f"output_dir={out}", "target.budget=params<=20K", "train.max_steps=2")

@@ -98,6 +98,7 @@ def test_masking_needs_a_mask_token(lee):
         data_lib.mask_for_mlm({"input_ids": torch.ones(2, 4, dtype=torch.long)}, plain, 0.15, 0)
 
 
+@pytest.mark.slow
 def test_masked_lm_run_learns_and_saves_a_masked_lm(tmp_path):
     body = {"output_dir": str(tmp_path / "run"), "tracking": False,
             "model": {"family": "bert", "task": "masked_lm", "attn_implementation": "eager",
