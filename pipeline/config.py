@@ -11,8 +11,10 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from earlycrop.criteria import CRITERIA
+from earlycrop.families import FAMILIES
 
 
 class _Strict(BaseModel):
@@ -23,13 +25,25 @@ class ModelConfig(_Strict):
     """Either a local model folder (`name_or_path`) or a family built from scratch with `init` kwargs."""
 
     name_or_path: str | None = None
-    family: Literal["llama", "qwen2", "mistral", "gpt2", "bert"] | None = None
-    # masked_lm: BERT-style pre-training (static masking, data.mlm_probability); BERT family only
+    # one of the families registered in earlycrop.FAMILIES (one adapter each)
+    family: str | None = None
+    # masked_lm: BERT-style pre-training (static masking, data.mlm_probability); families whose adapter lists
+    # it in `tasks` (e.g. bert)
     task: Literal["causal_lm", "masked_lm", "sequence_classification"] = "causal_lm"
     num_labels: int = Field(2, ge=2)
     init: dict[str, Any] = Field(default_factory=dict)
     attn_implementation: Literal["eager", "sdpa"] = "sdpa"
     dtype: Literal["float32", "bfloat16", "float64"] = "float32"
+
+    @field_validator("family")
+    @classmethod
+    def _known_family(cls, value: str | None) -> str | None:
+        # the choices come from the adapter registry; the error reads like pydantic's own Literal error
+        if value is not None and value not in FAMILIES:
+            names = [repr(name) for name in FAMILIES]
+            expected = f"{', '.join(names[:-1])} or {names[-1]}" if len(names) > 1 else names[0]
+            raise PydanticCustomError("literal_error", "Input should be {expected}", {"expected": expected})
+        return value
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelConfig:
@@ -37,18 +51,18 @@ class ModelConfig(_Strict):
             raise ValueError("set exactly one of model.name_or_path (a model folder) or model.family (from scratch)")
         if self.family is not None:
             _check_init(self.family, self.init)
-        if self.task == "masked_lm" and self.family not in (None, "bert"):
-            raise ValueError(f"model.task=masked_lm needs an encoder (model.family: bert), not {self.family}")
+        if self.family is not None and self.task not in FAMILIES[self.family].tasks:
+            able = ", ".join(name for name, adapter in FAMILIES.items() if self.task in adapter.tasks)
+            raise ValueError(f"model.task={self.task} needs a family that supports it (model.family: {able}), not {self.family}")
         return self
 
 
 def _check_init(family: str, init: dict[str, Any]) -> None:
     """transformers configs swallow unknown kwargs and check shapes only when the model is built: check both now."""
-    from transformers import AutoConfig
-
-    defaults = AutoConfig.for_model(family)
+    config_class = FAMILIES[family].config_class
+    defaults = config_class()
     try:
-        built = AutoConfig.for_model(family, **init)
+        built = config_class(**init)
     except Exception as exc:  # transformers' strict-dataclass validation errors are not ValueErrors
         raise ValueError(f"model.init is not a valid {type(defaults).__name__}: {' '.join(str(exc).split())}") from None
     # a kwarg the config stores but does not define is a typo; one it consumes (rope_theta) is known
@@ -75,6 +89,9 @@ class DataConfig(_Strict):
     vocab_size: int = Field(4096, ge=256)
     seq_len: int = Field(128, ge=8)
     validation_fraction: float = Field(0.05, gt=0.0, lt=0.5)
+    # a given held-out set (a published test split), used as it is: then `source` is all training text
+    # and validation_fraction is ignored
+    validation_source: str | None = None
     mlm_probability: float = Field(0.15, gt=0.0, lt=1.0)
 
 
@@ -119,6 +136,21 @@ class PruneConfig(_Strict):
         return value
 
 
+class DistillConfig(_Strict):
+    """Distillation from the dense model: the teacher is the model as built, frozen, taken before the cut
+    (earlycrop.distill). Each term has its weight; `logits` applies only where the teacher's head is
+    trained (a causal or masked LM, or a classifier saved with its head), never through a new head."""
+
+    enabled: bool = False
+    task: float = Field(1.0, ge=0.0)
+    logits: float = Field(1.0, ge=0.0)
+    temperature: float = Field(2.0, gt=0.0)
+    hidden: float = Field(0.0, ge=0.0)
+    hidden_loss: Literal["mse", "cosine"] = "mse"
+    # auto: bfloat16 on a GPU that has it (the teacher only runs forwards), else the model's dtype
+    teacher_dtype: Literal["auto", "float32", "bfloat16", "float64"] = "auto"
+
+
 class TrainConfig(_Strict):
     """The Accelerate loop; `max_steps` counts optimizer steps."""
 
@@ -140,6 +172,12 @@ class TrainConfig(_Strict):
     # before scoring and fine-tuning (linear probing first), the encoder frozen
     head_warmup_steps: int = Field(0, ge=0)
     keep_checkpoints: int = Field(2, ge=1)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
+    # after a cut before training: this many steps of hidden-state distillation toward the dense model on
+    # unlabelled text (the task's own, or `recovery_source`), before the task loss or a new head is used
+    recovery_steps: int = Field(0, ge=0)
+    recovery_source: str | None = None
+    recovery_lr: float | None = Field(None, gt=0.0)
 
 
 class TargetConfig(_Strict):
@@ -196,6 +234,9 @@ class RunConfig(_Strict):
         if self.train.head_warmup_steps and self.model.name_or_path is None:
             raise ValueError("train.head_warmup_steps trains the new head of a pretrained model: set model.name_or_path "
                              "or train.head_warmup_steps=0")
+        if (self.train.distill.enabled or self.train.recovery_steps) and self.prune.prune_at != 0:
+            raise ValueError("train.distill and train.recovery_steps need prune.prune_at: 0 (the teacher is the dense "
+                             f"model before the cut), not {self.prune.prune_at!r}")
         if self.target is not None and self.prune.target_params is not None:
             raise ValueError("set target.budget or prune.target_params, not both (a params<=N budget does the same)")
         if self.prune.prune_at == "auto" and self.prune.auto_cap >= self.train.max_steps:

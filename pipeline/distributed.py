@@ -1,7 +1,8 @@
-"""Exact data-parallel scoring (DESIGN.md §4).
+"""Everything distributed in one place: the accelerator, whole-parameter building under ZeRO-3,
+DeepSpeed optimizer-state transfer, and exact data-parallel scoring (docs/DESIGN.md §4).
 
-Each rank scores its shard of the calibration batches; the criteria call `all_reduce_sum` on
-their signed sums (the weight gradient g first, then H_cθ·g or ∂L/∂c) before any absolute value,
+Scoring: each rank scores its shard of the calibration batches; the criteria call `all_reduce_sum`
+on their signed sums (the weight gradient g first, then H_cθ·g or ∂L/∂c) before any absolute value,
 so N ranks give the scores one process gives over all the batches, and every rank then makes
 the same plan.
 """
@@ -9,9 +10,14 @@ the same plan.
 from __future__ import annotations
 
 import hashlib
+import os
+from contextlib import contextmanager
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from accelerate import Accelerator
+from accelerate.utils import DistributedType, InitProcessGroupKwargs
 from torch import nn
 
 import earlycrop
@@ -19,12 +25,119 @@ from earlycrop.criteria import Batch, Scores
 
 from .data import shard_batches
 
+COLLECTIVE_TIMEOUT = timedelta(minutes=30)
+
 
 def world() -> tuple[int, int]:
     """(rank, world size) of the initialised process group, or (0, 1)."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def init_process_group(timeout: timedelta = COLLECTIVE_TIMEOUT) -> None:
+    """Join the launcher's process group (torchrun / accelerate launch) outside an Accelerator."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend=backend, timeout=timeout)
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def make_accelerator(gradient_accumulation_steps: int, mixed_precision: str | None, micro_batch_size: int,
+                     max_grad_norm: float | None, timeout: timedelta = COLLECTIVE_TIMEOUT) -> Accelerator:
+    """Accelerator for this launch; gloo on CPU-only machines (DeepSpeed on CPU needs it said explicitly)."""
+    multi_process = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    handlers = []
+    if multi_process and not torch.cuda.is_available():
+        handlers.append(InitProcessGroupKwargs(backend="gloo", timeout=timeout))
+    accelerator = Accelerator(
+        # without cpu=True a CPU-only torchrun launch silently degrades to N independent processes
+        cpu=not torch.cuda.is_available() and not deepspeed,
+        gradient_accumulation_steps=gradient_accumulation_steps,
+        mixed_precision=mixed_precision,
+        kwargs_handlers=handlers,
+    )
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        ds = accelerator.state.deepspeed_plugin.deepspeed_config
+        ds["train_micro_batch_size_per_gpu"] = micro_batch_size
+        ds["gradient_accumulation_steps"] = gradient_accumulation_steps
+        ds["train_batch_size"] = micro_batch_size * gradient_accumulation_steps * accelerator.num_processes
+        ds["gradient_clipping"] = max_grad_norm or 0.0
+    return accelerator
+
+
+def zero_stage(accelerator: Accelerator) -> int | None:
+    """The DeepSpeed ZeRO stage of this launch, or None when DeepSpeed is not in use."""
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return None
+    return int(accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {}).get("stage", 0))
+
+
+@contextmanager
+def whole_parameters(accelerator: Accelerator):
+    """Under ZeRO-3 transformers partitions parameters while building the model; scoring and
+    surgery need them whole, so the model is built whole and partitioned later by `prepare`."""
+    if zero_stage(accelerator) != 3:
+        yield
+        return
+    from transformers.integrations import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        accelerator.state.deepspeed_plugin.set_deepspeed_weakref()
+
+
+def torch_optimizer(accelerator: Accelerator, optimizer, module: nn.Module, step: int, lr: float,
+                    weight_decay: float) -> torch.optim.Optimizer:
+    """The prepared optimizer as a plain torch optimizer whose state surgery can slice: the wrapped one
+    under DDP, or an AdamW holding the DeepSpeed engine's gathered fp32 weights and moments."""
+    if zero_stage(accelerator) is None:
+        return optimizer.optimizer
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    adam = torch.optim.AdamW(module.parameters(), lr=lr, weight_decay=weight_decay)
+    for p in module.parameters():
+        master = safe_get_full_fp32_param(p)
+        if master is None:
+            continue
+        state = {key: safe_get_full_optimizer_state(p, key) for key in ("exp_avg", "exp_avg_sq")}
+        with torch.no_grad():
+            p.copy_(master.to(p.dtype))
+        adam.state[p] = {"step": torch.tensor(float(step)), "master": master.clone(),
+                         **{k: v.clone() for k, v in state.items() if v is not None}}
+    return adam
+
+
+def prepare_pruned(accelerator: Accelerator, module: nn.Module, optimizer: torch.optim.Optimizer):
+    """Wrap a model pruned mid-training and its sliced optimizer again (DDP or a new ZeRO-1/2 engine
+    that receives the sliced moments, so training continues without a restart)."""
+    if zero_stage(accelerator) is None:
+        return accelerator.prepare(module, optimizer)
+    sliced = {p: optimizer.state.pop(p) for p in list(optimizer.state)}
+    engine, prepared_optimizer = accelerator.prepare(module, optimizer)
+    _moments_into_deepspeed(engine, module, sliced)
+    return engine, prepared_optimizer
+
+
+def _moments_into_deepspeed(engine, module: nn.Module, sliced: dict) -> None:
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    zero = engine.optimizer
+    base = zero.optimizer
+    for flat in zero.single_partition_of_fp32_groups:
+        step = next(iter(sliced.values()))["step"].clone() if sliced else torch.tensor(0.0)
+        base.state[flat] = {"step": step, "exp_avg": torch.zeros_like(flat), "exp_avg_sq": torch.zeros_like(flat)}
+    zero._lazy_init_hp_params_optimizer_state()
+    for p in module.parameters():
+        if p in sliced and "master" in sliced[p]:
+            safe_set_full_fp32_param(p, sliced[p]["master"].to(p.device, torch.float32))
+        for key in ("exp_avg", "exp_avg_sq"):
+            if p in sliced and key in sliced[p]:
+                safe_set_full_optimizer_state(p, sliced[p][key].to(p.device, torch.float32), key)
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:

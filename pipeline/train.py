@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from accelerate import Accelerator
@@ -86,27 +87,29 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 
 @torch.no_grad()
 def evaluate(accelerator: Accelerator, model, blocks: dict[str, torch.Tensor], micro_batch: int, max_batches: int) -> dict[str, float]:
-    """Mean validation loss (and accuracy for classification) over the first `max_batches` batches in
-    total (rounded down to a multiple of the world size), so 1 and N ranks evaluate the same blocks."""
+    """Mean validation loss (and accuracy for classification) over the first `max_batches` × `micro_batch`
+    examples, every one of them (a partial last batch included); batches go round-robin over the ranks, so
+    1 and N ranks evaluate the same examples. Every rank runs the same number of forwards (a rank without a
+    batch left repeats the first with weight 0), as partitioned parameters need all ranks in each forward."""
     world, rank = accelerator.num_processes, accelerator.process_index
-    n = next(iter(blocks.values())).shape[0]
-    per_rank = min(max_batches, n // micro_batch) // world
-    if per_rank == 0:
-        raise ValueError(f"{n} validation blocks are fewer than one batch per rank ({micro_batch} × {world})")
+    n = min(next(iter(blocks.values())).shape[0], max_batches * micro_batch)
+    starts = list(range(0, n, micro_batch))
     was_training = model.training
     model.eval()
     device = accelerator.device
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss·count, count, correct
-    for b in range(per_rank):
-        start = (b * world + rank) * micro_batch
-        batch = {k: v[start : start + micro_batch].to(device) for k, v in blocks.items()}
+    for round_ in range(math.ceil(len(starts) / world)):
+        index = round_ * world + rank
+        weight = 1.0 if index < len(starts) else 0.0
+        start = starts[index] if index < len(starts) else 0
+        batch = {k: v[start : min(start + micro_batch, n)].to(device) for k, v in blocks.items()}
         out = model(**batch)
         # token losses average over the labelled positions (all of them, or the masked ones for a masked LM)
         count = (batch["labels"] != -100).sum() if out.logits.dim() == 3 else batch["labels"].shape[0]
-        totals[0] += out.loss.double() * count
-        totals[1] += count
+        totals[0] += weight * out.loss.double() * count
+        totals[1] += weight * count
         if out.logits.dim() == 2:
-            totals[2] += (out.logits.argmax(-1) == batch["labels"]).sum()
+            totals[2] += weight * (out.logits.argmax(-1) == batch["labels"]).sum()
     totals = accelerator.reduce(totals, reduction="sum")
     model.train(was_training)
     loss = float(totals[0] / totals[1])
@@ -165,9 +168,26 @@ def load_trainer_state(checkpoint: Path) -> TrainerState:
     return TrainerState(**json.loads((checkpoint / STATE_FILE).read_text()))
 
 
+class Distiller(Protocol):
+    """The training loss with a teacher: the task loss and distillation terms, each logged."""
+
+    def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
+
+
+class PruneSchedule(Protocol):
+    """Whether pruning is due before a step, and the cut itself (pipeline.pruning.Pruner)."""
+
+    def due(self, step: int, model: torch.nn.Module, pruned_at: int | None) -> bool: ...
+
+    def rule_metrics(self, step: int) -> dict[str, float]: ...
+
+    def prune_in_training(self, model, optimizer, step: int) -> tuple[torch.nn.Module, torch.optim.Optimizer, object]: ...
+
+
 @dataclass
 class Loop:
-    """The pieces the loop needs; `maybe_prune` may swap model/optimizer (it returns the new ones)."""
+    """The pieces the loop needs. `pruner` (mid-training pruning) hands back a new model and optimizer;
+    `distiller` replaces the model's own loss; `on_prune` receives each cut for tracking."""
 
     accelerator: Accelerator
     model: torch.nn.Module
@@ -178,7 +198,16 @@ class Loop:
     output_dir: Path
     restart_schedule: bool
     log: Callable[[dict[str, float], int], None]
-    maybe_prune: Callable[[int, torch.nn.Module, torch.optim.Optimizer], tuple[torch.nn.Module, torch.optim.Optimizer, bool]]
+    pruner: PruneSchedule | None = None
+    on_prune: Callable[[object], None] = lambda event: None
+    distiller: Distiller | None = None
+
+
+def training_loss(loop: Loop, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The model's own loss, or the distiller's total with its terms."""
+    if loop.distiller is None:
+        return model(**batch).loss, {}
+    return loop.distiller.loss(model, batch)
 
 
 def train(loop: Loop, state: TrainerState) -> TrainerState:
@@ -187,13 +216,18 @@ def train(loop: Loop, state: TrainerState) -> TrainerState:
     model, optimizer = loop.model, loop.optimizer
     stop = StopSignal()
     tokens_per_step = cfg.micro_batch_size * cfg.gradient_accumulation_steps * acc.num_processes
-    window_start, window_steps, window_loss = time.perf_counter(), 0, 0.0
+    window = Window()
     try:
         while state.step < cfg.max_steps:
-            model, optimizer, pruned = loop.maybe_prune(state.step, model, optimizer)
-            if pruned:
-                state.pruned_at = state.step
-                window_start = time.perf_counter()  # tokens/s measures training steps only
+            if loop.pruner is not None and state.pruned_at is None:
+                due = loop.pruner.due(state.step, model, state.pruned_at)
+                if metrics := loop.pruner.rule_metrics(state.step):
+                    loop.log(metrics, state.step)
+                if due:
+                    model, optimizer, event = loop.pruner.prune_in_training(model, optimizer, state.step)
+                    state.pruned_at = state.step
+                    loop.on_prune(event)
+                    window.restart()  # tokens/s measures training steps only
             set_lr(optimizer, learning_rate(cfg, state.step, state.pruned_at, loop.restart_schedule))
             model.train()
             step_loss = torch.zeros((), device=acc.device)
@@ -201,7 +235,7 @@ def train(loop: Loop, state: TrainerState) -> TrainerState:
                 batch = loop.sampler(state.step * cfg.gradient_accumulation_steps + micro)
                 batch = {k: v.to(acc.device) for k, v in batch.items()}
                 with acc.accumulate(model):
-                    loss = model(**batch).loss
+                    loss, terms = training_loss(loop, model, batch)
                     if not torch.isfinite(loss):
                         raise FloatingPointError(f"training loss is {loss.item()} at step {state.step}: lower train.lr or check the data")
                     acc.backward(loss)
@@ -210,32 +244,25 @@ def train(loop: Loop, state: TrainerState) -> TrainerState:
                     optimizer.step()
                     optimizer.zero_grad()
                 step_loss += loss.detach() / cfg.gradient_accumulation_steps
+                window.add_terms(terms, cfg.gradient_accumulation_steps)
                 state.tokens += batch["input_ids"].numel() * acc.num_processes
             state.step += 1
-            window_steps += 1
-            window_loss += float(acc.reduce(step_loss, reduction="mean"))
+            window.add(float(acc.reduce(step_loss, reduction="mean")))
             if state.step % cfg.log_every == 0 or state.step == cfg.max_steps:
-                elapsed = time.perf_counter() - window_start
-                seq_len = batch["input_ids"].shape[1]
-                metrics = {
-                    "train_loss": window_loss / window_steps,
-                    "lr": optimizer.param_groups[0]["lr"],
-                    "step_time_s": elapsed / window_steps,
-                    "tokens_per_s": window_steps * tokens_per_step * seq_len / elapsed,
-                    "tokens": float(state.tokens),
-                }
+                metrics = {**window.metrics(tokens_per_step * batch["input_ids"].shape[1], acc),
+                           "lr": optimizer.param_groups[0]["lr"], "tokens": float(state.tokens)}
                 state.history.append({"step": state.step, **metrics})
                 loop.log(metrics, state.step)
-                window_start, window_steps, window_loss = time.perf_counter(), 0, 0.0
+                window.restart()
             if state.step % cfg.eval_every == 0 and state.step < cfg.max_steps:
                 metrics = evaluate(acc, model, loop.val_blocks, cfg.micro_batch_size, cfg.eval_batches)
                 state.history.append({"step": state.step, **metrics})
                 loop.log(metrics, state.step)
-                window_start = time.perf_counter()
+                window.restart()
             stopping = bool(acc.reduce(torch.tensor(float(stop.requested), device=acc.device), reduction="sum") > 0)
             if stopping or (cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0):
                 save_checkpoint(acc, loop.output_dir, state, cfg.keep_checkpoints)
-                window_start = time.perf_counter()
+                window.restart()
             if stopping:
                 acc.print(f"SIGTERM: checkpoint saved at step {state.step}; resume with --resume")
                 break
@@ -243,3 +270,33 @@ def train(loop: Loop, state: TrainerState) -> TrainerState:
         stop.restore()
     loop.model, loop.optimizer = model, optimizer
     return state
+
+
+class Window:
+    """Training loss, distillation terms and throughput since the last log line."""
+
+    def __init__(self) -> None:
+        self.loss, self.steps, self.terms = 0.0, 0, {}
+        self.restart()
+
+    def restart(self) -> None:
+        """Start timing anew: after evaluation, a checkpoint or a cut, so tokens/s counts training only."""
+        self.start = time.perf_counter()
+
+    def add(self, loss: float) -> None:
+        self.loss += loss
+        self.steps += 1
+
+    def add_terms(self, terms: dict[str, torch.Tensor], accumulation: int) -> None:
+        for key, value in terms.items():
+            self.terms[key] = self.terms.get(key, 0.0) + float(value.detach()) / accumulation
+
+    def metrics(self, tokens_per_step: int, acc: Accelerator) -> dict[str, float]:
+        elapsed = time.perf_counter() - self.start
+        out = {"train_loss": self.loss / self.steps, "step_time_s": elapsed / self.steps,
+               "tokens_per_s": self.steps * tokens_per_step / elapsed}
+        # distillation terms are rank-local means; reduce them once per log line, not per step
+        for key, value in sorted(self.terms.items()):
+            out[f"distill_{key}"] = float(acc.reduce(torch.tensor(value / self.steps, device=acc.device), reduction="mean"))
+        self.loss, self.steps, self.terms = 0.0, 0, {}
+        return out

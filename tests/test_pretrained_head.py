@@ -17,7 +17,8 @@ from earlycrop.criteria import score_units
 from pipeline import data as data_lib
 from pipeline.config import load_config
 from pipeline.modeling import build_model, load_pretraining_model
-from pipeline.run import pretraining_scorer, scoring_criterion, scoring_objective, warm_up_new_head
+from pipeline.finetune import warm_up_new_head
+from pipeline.scoring import pretraining_scorer, scoring_criterion, scoring_objective
 
 from . import launching
 
@@ -199,7 +200,7 @@ class _NoTracking:
 
 
 def test_head_warmup_trains_only_the_new_head(tmp_path, pretrained, tokenizer):
-    from pipeline.run import prepare_data
+    from pipeline.prepare import prepare_data
 
     cfg = _config(tmp_path, pretrained, "train.head_warmup_steps=15")
     accelerator = Accelerator(cpu=True)

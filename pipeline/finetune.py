@@ -1,0 +1,130 @@
+"""Stages for a pretrained model before fine-tuning: warming up a NEW task head on the frozen encoder,
+and recovering the pruned encoder by distillation from the dense one (docs/DESIGN.md §8)."""
+
+from __future__ import annotations
+
+import torch
+from accelerate import Accelerator
+
+from earlycrop.distill import DistillWeights, Teacher, distillation_loss, hidden_state_loss
+
+from . import data as data_lib
+from .config import RunConfig
+from .distributed import all_reduce_sum
+from .modeling import new_parameter_names
+from .prepare import Prepared
+from .scoring import attaches_new_head
+from .train import BlockSampler
+
+
+def warm_up_new_head(cfg: RunConfig, accelerator: Accelerator, model, prepared: Prepared, tracker) -> None:
+    """Train only the parameters the checkpoint lacks (a new task head), the encoder frozen, for
+    `train.head_warmup_steps` steps. Every rank runs the same steps on the same batches, so the head
+    (and the scores computed after it) is identical on every rank without communication."""
+    new = new_parameter_names(model, cfg.model.name_or_path)
+    if not new:
+        raise ValueError(f"train.head_warmup_steps: {cfg.model.name_or_path} already holds every parameter of the model "
+                         "(no new head to warm up); set train.head_warmup_steps=0")
+    model.to(accelerator.device)
+    params = [p for n, p in model.named_parameters() if n in new]
+    frozen = {n: p.requires_grad for n, p in model.named_parameters()}
+    for n, p in model.named_parameters():
+        p.requires_grad_(n in new)
+    optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    sampler = BlockSampler(prepared.train_blocks, cfg.train.micro_batch_size, 0, 1, cfg.seed + 1)
+    model.train()
+    losses = []
+    for step in range(cfg.train.head_warmup_steps):
+        batch = {k: v.to(accelerator.device) for k, v in sampler(step).items()}
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    for n, p in model.named_parameters():
+        p.requires_grad_(frozen[n])
+    tracker.log_metrics({"head_warmup_loss_first": losses[0], "head_warmup_loss_last": losses[-1]}, step=0)
+    accelerator.print(f"warmed up the new head ({len(params)} tensors, {cfg.train.head_warmup_steps} steps): "
+                      f"loss {losses[0]:.4f} → {losses[-1]:.4f}")
+
+
+class Distiller:
+    """The fine-tuning loss with the dense teacher: the task loss plus the weighted logit-KL and
+    hidden-state terms of distillation_loss (each term returned for the training log)."""
+
+    def __init__(self, teacher: Teacher, weights: DistillWeights, use_logits: bool):
+        self.teacher, self.weights, self.use_logits = teacher, weights, use_logits
+
+    def loss(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        out = model(**batch, output_hidden_states=self.weights.hidden > 0)
+        terms = distillation_loss(out, self.teacher(batch), batch, self.weights, use_logits=self.use_logits)
+        return terms.pop("total"), terms
+
+
+def teacher_dtype(cfg: RunConfig, model) -> torch.dtype:
+    """bfloat16 on a GPU that has it (the teacher only runs forwards), else the student's dtype."""
+    if cfg.train.distill.teacher_dtype != "auto":
+        return getattr(torch, cfg.train.distill.teacher_dtype)
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return next(model.parameters()).dtype
+
+
+def make_distiller(cfg: RunConfig, teacher: Teacher) -> Distiller:
+    """The logit term is used only when the teacher's head is trained: never through a new task head."""
+    d = cfg.train.distill
+    weights = DistillWeights(logits=d.logits, temperature=d.temperature, hidden=d.hidden,
+                                       hidden_loss=d.hidden_loss, task=d.task)
+    trained_head = not attaches_new_head(cfg.model.name_or_path, cfg.model.task)
+    return Distiller(teacher, weights, use_logits=trained_head)
+
+
+def recovery_blocks(cfg: RunConfig, prepared: Prepared) -> dict[str, torch.Tensor]:
+    """Unlabelled text for recovery: the task's own training text, or `train.recovery_source` packed."""
+    if cfg.train.recovery_source is None:
+        return {k: v for k, v in prepared.train_blocks.items() if k != "labels"}
+    docs = data_lib.load_documents(cfg.train.recovery_source, text_field=cfg.data.text_field)
+    packed = data_lib.pack_causal_lm(docs, prepared.tokenizer, cfg.data.seq_len)
+    return {"input_ids": torch.tensor(list(packed["input_ids"]))}
+
+
+def recover(cfg: RunConfig, accelerator: Accelerator, model, teacher: Teacher,
+            blocks: dict[str, torch.Tensor]) -> list[float]:
+    """`train.recovery_steps` of layer-wise hidden-state distillation of the pruned trunk toward the dense
+    one, before any label is seen. Data parallel by hand: each rank its part of the global batch, gradients
+    all-reduced before every step, so N ranks end with the weights of one process (same global batch)."""
+    rank, world = accelerator.process_index, accelerator.num_processes
+    model.to(accelerator.device).train()
+    teacher.to(accelerator.device)
+    params = [p for p in model.base_model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.train.recovery_lr or cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    sampler = BlockSampler(blocks, cfg.train.micro_batch_size, rank, world, cfg.seed + 2)
+    steps, losses = cfg.train.recovery_steps, []
+    warmup = max(1, steps // 10)
+    for step in range(steps):
+        for group in optimizer.param_groups:
+            group["lr"] = (cfg.train.recovery_lr or cfg.train.lr) * min(1.0, (step + 1) / warmup)
+        batch = {k: v.to(accelerator.device) for k, v in sampler(step).items()}
+        student = model.base_model(**batch, output_hidden_states=True)
+        loss = hidden_state_loss(student.hidden_states, teacher.base_forward(batch).hidden_states,
+                                           batch.get("attention_mask"), cfg.train.distill.hidden_loss)
+        loss.backward()
+        average_gradients(params, world)
+        if cfg.train.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(float(all_reduce_sum(loss.detach().clone())) / world)
+    return losses
+
+
+def average_gradients(params: list[torch.nn.Parameter], world: int) -> None:
+    """Mean of every gradient over the ranks, in one flat all-reduce."""
+    if world == 1:
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    flat = all_reduce_sum(torch.cat([g.flatten() for g in grads])) / world
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
