@@ -2,7 +2,7 @@
 
 w_1 = the prunable weights after the first interval; after interval e, d_e = ‖w_e − w_1‖ / ‖w_1‖;
 τ = d_2 · min(1 − S − 0.1, 0.99) (S = fraction removed; τ ≤ 0 never fires); prune after the first
-interval e ≥ 3 with |d_e − d_{e−1}| < τ, or at the cap (DESIGN.md §2).
+interval e ≥ 3 with |d_e − d_{e−1}| < τ, or at the cap (docs/DESIGN.md §2).
 """
 
 from __future__ import annotations

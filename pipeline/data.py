@@ -1,7 +1,7 @@
 """Offline-first data: documents, a locally trained tokenizer, packed blocks and calibration shards.
 
 The machine has no hub access, so every source that matters loads from local files or from the
-real English text that ships inside gensim's test data (DESIGN.md §6). Document granularity:
+real English text that ships inside gensim's test data (docs/DESIGN.md §6). Document granularity:
 
 - ``.txt`` files: one document per blank-line-separated paragraph block (``sample_by="paragraph"``),
   so a paragraph wrapped over several lines stays one document;

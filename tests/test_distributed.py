@@ -1,4 +1,4 @@
-"""N data-parallel ranks give the scores and the plan of one process (DESIGN.md §4), through real launchers."""
+"""N data-parallel ranks give the scores and the plan of one process (docs/DESIGN.md §4), through real launchers."""
 
 from __future__ import annotations
 
