@@ -6,6 +6,7 @@
 """
 
 from .criteria import CRITERIA, Criterion, Scores, make_criterion, score_units
+from .distill import DistillWeights, Teacher, distillation_loss, hidden_state_loss, logit_kl
 from .families import FamilyAdapter, get_adapter, register_adapter, supported_families
 from .gates import attach_gates, gated
 from .select import Plan, SelectionConfig, make_plan, params_after
@@ -15,15 +16,20 @@ from .surgery import PruneResult, prune
 __all__ = [
     "CRITERIA",
     "Criterion",
+    "DistillWeights",
     "FamilyAdapter",
     "Plan",
     "PruneResult",
     "Scores",
     "SelectionConfig",
+    "Teacher",
     "attach_gates",
+    "distillation_loss",
     "from_pretrained",
     "gated",
     "get_adapter",
+    "hidden_state_loss",
+    "logit_kl",
     "make_criterion",
     "make_plan",
     "params_after",
