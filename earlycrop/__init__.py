@@ -3,11 +3,22 @@
     scores = earlycrop.score_units(model, "earlycrop", batches)
     plan = earlycrop.make_plan(model, scores, earlycrop.SelectionConfig(heads=0.5, mlp=0.5))
     earlycrop.prune(model, plan, optimizer)
+
+Extension point: `@register_adapter` on a `FamilyAdapter` subclass adds a model family (memory model,
+run configs and model building included).
 """
 
 from .criteria import CRITERIA, Criterion, Scores, make_criterion, score_units
 from .distill import DistillWeights, Teacher, distillation_loss, hidden_state_loss, logit_kl
-from .families import FamilyAdapter, get_adapter, register_adapter, supported_families
+from .families import (
+    FAMILIES,
+    FamilyAdapter,
+    family_adapter,
+    get_adapter,
+    register_adapter,
+    supported_families,
+    unregister_adapter,
+)
 from .gates import attach_gates, gated
 from .select import Plan, SelectionConfig, make_plan, params_after
 from .serialization import from_pretrained, plain_loadable, save_pretrained
@@ -17,6 +28,7 @@ __all__ = [
     "CRITERIA",
     "Criterion",
     "DistillWeights",
+    "FAMILIES",
     "FamilyAdapter",
     "Plan",
     "PruneResult",
@@ -25,6 +37,7 @@ __all__ = [
     "Teacher",
     "attach_gates",
     "distillation_loss",
+    "family_adapter",
     "from_pretrained",
     "gated",
     "get_adapter",
@@ -39,4 +52,5 @@ __all__ = [
     "save_pretrained",
     "score_units",
     "supported_families",
+    "unregister_adapter",
 ]

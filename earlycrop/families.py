@@ -1,20 +1,37 @@
-"""One adapter per Hugging Face model family, found through a registry keyed on the config type.
+"""One adapter per Hugging Face model family: the one registry of what the library knows about a family.
 
-An adapter tells the rest of the library three things about a family, and nothing else:
-where the structural units of each layer live (`LayerUnits`), which weight slices belong to a
-unit (`attention_slices`, `mlp_slices`), and how the family's config describes a pruned shape
-(`describe_layout`). Gates, criteria, selection and surgery are written once on top of this.
+An adapter tells the rest of the library where the structural units of each layer live (`LayerUnits`),
+which weight slices belong to a unit (`attention_slices`, `mlp_slices`), how the family's config
+describes a pruned shape (`describe_layout`), the memory model's facts (`shape_facts`), and what the
+run pipeline validates and builds (`config_types`, `tasks`). Gates, criteria, selection, surgery, the
+memory model and the pipeline are written once on top of this; adding a family is one adapter class
+decorated with `@register_adapter`.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
+from typing import ClassVar, TypeVar
 
 import torch
+import transformers
 from torch import nn
-from transformers import BertConfig, GPT2Config, LlamaConfig, MistralConfig, PretrainedConfig, Qwen2Config
+from transformers import (
+    BertConfig,
+    GPT2Config,
+    LlamaConfig,
+    MistralConfig,
+    PretrainedConfig,
+    PreTrainedModel,
+    Qwen2Config,
+)
 from transformers.pytorch_utils import Conv1D
+
+# the run pipeline's `model.task` values; an adapter's `tasks` is a subset
+TASKS = ("causal_lm", "masked_lm", "sequence_classification")
 
 
 @dataclass
@@ -77,11 +94,34 @@ def _linear_slices(linear: nn.Module, out_index: torch.Tensor | None, in_index: 
     return slices
 
 
-class FamilyAdapter(ABC):
-    """What the library needs to know about one model family."""
+def _positive(p: float | None) -> bool:
+    return bool(p) and p > 0
 
-    name: str
-    config_types: tuple[type[PretrainedConfig], ...]
+
+class FamilyAdapter(ABC):
+    """What the library needs to know about one model family.
+
+    `name` is the family's `model.family` in a run config; `config_types` the transformers configs
+    whose models it handles, the first one being the class a model is built from scratch with;
+    `tasks` the run pipeline's `model.task` values its transformers classes provide; `grouped_kv`
+    whether it can keep fewer key/value heads than query heads (GQA).
+    """
+
+    name: ClassVar[str]
+    config_types: ClassVar[tuple[type[PretrainedConfig], ...]]
+    tasks: ClassVar[tuple[str, ...]] = ("causal_lm", "sequence_classification")
+    grouped_kv: ClassVar[bool] = True
+
+    @property
+    def config_class(self) -> type[PretrainedConfig]:
+        """The config class a model of this family is built from scratch with."""
+        return self.config_types[0]
+
+    @abstractmethod
+    def shape_facts(self, model: nn.Module, config: PretrainedConfig) -> dict:
+        """The `earlycrop.memory.ModelShape` fields the layers do not give (norm kind, positions, activation,
+        dropout, ...); `head_transform_if_lm=True` when the family's LM heads put dense + activation + norm
+        before the decoder."""
 
     @abstractmethod
     def layers(self, model: nn.Module) -> list[LayerUnits]:
@@ -126,11 +166,88 @@ def sync_linear_features(module: nn.Module) -> None:
         module.out_features, module.in_features = module.weight.shape
 
 
+_BY_CONFIG: dict[type[PretrainedConfig], FamilyAdapter] = {}
+_BY_NAME: dict[str, FamilyAdapter] = {}
+# family name → adapter, in registration order (read-only: register with `register_adapter`)
+FAMILIES: Mapping[str, FamilyAdapter] = MappingProxyType(_BY_NAME)
+
+
+class _ConfigClasses(Mapping[str, type[PretrainedConfig]]):
+    """Family name → config class built from scratch, read from the registry on every access."""
+
+    def __getitem__(self, name: str) -> type[PretrainedConfig]:
+        return _BY_NAME[name].config_class
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(_BY_NAME)
+
+    def __len__(self) -> int:
+        return len(_BY_NAME)
+
+
+CONFIG_CLASSES: Mapping[str, type[PretrainedConfig]] = _ConfigClasses()
+
+A = TypeVar("A", bound=FamilyAdapter | type[FamilyAdapter])
+
+
+def _check_adapter(adapter: FamilyAdapter) -> None:
+    """Refuse an adapter the registry could not serve consistently (one family per config type)."""
+    name, types = getattr(adapter, "name", None), getattr(adapter, "config_types", ())
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"{type(adapter).__name__}.name must be a non-empty family name")
+    if not types or not all(isinstance(t, type) and issubclass(t, PretrainedConfig) for t in types):
+        raise ValueError(f"{type(adapter).__name__}.config_types must be transformers config classes")
+    unknown = sorted(set(adapter.tasks) - set(TASKS))
+    if unknown:
+        raise ValueError(f"{type(adapter).__name__}.tasks: unknown task {unknown[0]!r}; tasks are {', '.join(TASKS)}")
+    for config_type in types:
+        owner = _BY_CONFIG.get(config_type)
+        if owner is not None and owner.name != name:
+            raise ValueError(
+                f"{config_type.__name__} already belongs to family {owner.name!r}; unregister_adapter({owner.name!r}) first"
+            )
+
+
+def register_adapter(adapter: A) -> A:
+    """Register a family: an adapter instance, or (as a class decorator) an adapter class, instantiated once.
+    Models whose config is one of `config_types` then use it, and `name` becomes a valid `model.family`;
+    registering a name again replaces that family's adapter."""
+    instance = adapter() if isinstance(adapter, type) else adapter
+    _check_adapter(instance)
+    old = _BY_NAME.get(instance.name)
+    for config_type in old.config_types if old is not None else ():
+        del _BY_CONFIG[config_type]
+    _BY_NAME[instance.name] = instance
+    for config_type in instance.config_types:
+        _BY_CONFIG[config_type] = instance
+    return adapter
+
+
+def unregister_adapter(name: str) -> FamilyAdapter:
+    """Remove a family from the registry (e.g. one a test registered) and return its adapter."""
+    adapter = family_adapter(name)
+    del _BY_NAME[name]
+    for config_type in adapter.config_types:
+        del _BY_CONFIG[config_type]
+    return adapter
+
+
+@register_adapter
 class LlamaLikeAdapter(FamilyAdapter):
     """Llama, Qwen2 and Mistral: separate q/k/v/o projections, GQA, gated (SwiGLU) MLP."""
 
     name = "llama"
     config_types = (LlamaConfig,)
+
+    def shape_facts(self, model, config):
+        return dict(
+            norm="rms",
+            final_norm=True,
+            rotary=True,
+            activation=config.hidden_act,
+            softmax_fp32=True,
+            attention_dropout=_positive(getattr(config, "attention_dropout", 0.0)),
+        )
 
     def _decoder(self, model: nn.Module) -> nn.Module:
         return model.model if hasattr(model, "model") else model
@@ -192,21 +309,38 @@ class LlamaLikeAdapter(FamilyAdapter):
         return uniform
 
 
+@register_adapter
 class Qwen2Adapter(LlamaLikeAdapter):
     name = "qwen2"
     config_types = (Qwen2Config,)
 
 
+@register_adapter
 class MistralAdapter(LlamaLikeAdapter):
     name = "mistral"
     config_types = (MistralConfig,)
 
 
+@register_adapter
 class GPT2Adapter(FamilyAdapter):
     """GPT-2: fused `c_attn` Conv1D holding q, k and v side by side; head size is hidden / heads."""
 
     name = "gpt2"
     config_types = (GPT2Config,)
+    grouped_kv = False
+
+    def shape_facts(self, model, config):
+        return dict(
+            norm="layer",
+            final_norm=True,
+            rotary=False,
+            position_embeddings=config.n_positions,
+            activation=config.activation_function,
+            softmax_fp32=False,
+            attention_dropout=_positive(config.attn_pdrop),
+            hidden_dropout=_positive(config.resid_pdrop),
+            embedding_dropout=_positive(config.embd_pdrop),
+        )
 
     def blocks(self, model):
         return list((model.transformer if hasattr(model, "transformer") else model).h)
@@ -254,11 +388,33 @@ class GPT2Adapter(FamilyAdapter):
         return all(h == dense_heads for h in heads) and len(set(neurons)) == 1
 
 
+@register_adapter
 class BertAdapter(FamilyAdapter):
     """BERT encoders, with or without a task head; head size is hidden / heads."""
 
     name = "bert"
     config_types = (BertConfig,)
+    tasks = TASKS
+    grouped_kv = False
+
+    def shape_facts(self, model, config):
+        classifier_p = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
+        return dict(
+            norm="layer",
+            final_norm=False,
+            embedding_norm=True,
+            rotary=False,
+            position_embeddings=config.max_position_embeddings,
+            token_type_embeddings=config.type_vocab_size,
+            activation=config.hidden_act,
+            softmax_fp32=False,
+            attention_dropout=_positive(config.attention_probs_dropout_prob),
+            hidden_dropout=_positive(config.hidden_dropout_prob),
+            embedding_dropout=_positive(config.hidden_dropout_prob),
+            classifier_dropout=_positive(classifier_p),
+            pooler=getattr(model.base_model, "pooler", None) is not None,
+            head_transform_if_lm=True,  # BERT's LM heads (MLM, causal): dense + act + LayerNorm before the decoder
+        )
 
     def blocks(self, model):
         encoder = model.bert.encoder if hasattr(model, "bert") else model.encoder
@@ -311,31 +467,36 @@ class BertAdapter(FamilyAdapter):
         return all(h == config.num_attention_heads for h in heads) and len(set(neurons)) == 1
 
 
-ADAPTERS: dict[type[PretrainedConfig], FamilyAdapter] = {}
-
-
-def register_adapter(adapter: FamilyAdapter) -> FamilyAdapter:
-    """Make `adapter` the one used for models whose config is one of `adapter.config_types`."""
-    for config_type in adapter.config_types:
-        ADAPTERS[config_type] = adapter
-    return adapter
-
-
-for _adapter in (LlamaLikeAdapter(), Qwen2Adapter(), MistralAdapter(), GPT2Adapter(), BertAdapter()):
-    register_adapter(_adapter)
-
-
 def supported_families() -> list[str]:
-    return sorted({a.name for a in ADAPTERS.values()})
+    """The registered family names, sorted."""
+    return sorted(_BY_NAME)
+
+
+def family_adapter(name: str) -> FamilyAdapter:
+    """The adapter registered under a family name (a run config's `model.family`)."""
+    if name not in _BY_NAME:
+        raise ValueError(f"unknown model family {name!r}; supported families: {', '.join(supported_families())}")
+    return _BY_NAME[name]
 
 
 def get_adapter(model_or_config: nn.Module | PretrainedConfig) -> FamilyAdapter:
     """The adapter for a model (or its config); exact config type first, then its base classes."""
     config = getattr(model_or_config, "config", model_or_config)
     for config_type in type(config).__mro__:
-        if config_type in ADAPTERS:
-            return ADAPTERS[config_type]
+        if config_type in _BY_CONFIG:
+            return _BY_CONFIG[config_type]
     raise ValueError(
         f"unsupported model family {type(config).__name__!r} (model_type={getattr(config, 'model_type', None)!r}); "
         f"supported families: {', '.join(supported_families())}"
     )
+
+
+def architecture_class(config: PretrainedConfig) -> type[PreTrainedModel]:
+    """The transformers model class `config.architectures` names (what `save_pretrained` wrote), so a saved
+    folder is rebuilt with its own head."""
+    archs = getattr(config, "architectures", None) or []
+    for name in archs:
+        cls = getattr(transformers, name, None)
+        if isinstance(cls, type) and issubclass(cls, PreTrainedModel):
+            return cls
+    raise ValueError(f"config.json names no transformers model class (architectures={archs!r})")

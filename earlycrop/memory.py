@@ -78,15 +78,14 @@ from __future__ import annotations
 import math
 import re
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Literal
 
 from torch import nn
-from transformers import PretrainedConfig
 from transformers.models.auto import modeling_auto
 
-from .families import LayerUnits, get_adapter
+from .families import FAMILIES, FamilyAdapter, LayerUnits, get_adapter
 
 HeadKind = Literal["causal_lm", "masked_lm", "sequence_classification", "none"]
 HEAD_KINDS = ("causal_lm", "masked_lm", "sequence_classification", "none")
@@ -187,18 +186,11 @@ class ModelShape:
         """Read the shape of a real (dense or pruned) model: layers through the family adapter, the rest from the
         embedding / output modules and the config. The implied parameter count is exact (see `other_params`)."""
         adapter = get_adapter(model)
-        reader = SHAPE_READERS.get(adapter.name)
-        if reader is None:
-            raise ValueError(
-                f"no memory-shape reader for family {adapter.name!r}; register one with "
-                "earlycrop.memory.register_shape_reader"
-            )
-        config = model.config
         layers = adapter.layers(model)
         embed = model.get_input_embeddings()
         vocab, hidden = embed.weight.shape
         facts = _layer_facts(adapter, layers)
-        facts.update(reader(model, config))
+        facts.update(adapter.shape_facts(model, model.config))
         facts.update(_head_facts(model, facts.pop("head_transform_if_lm", False)))
         shape = cls(
             family=adapter.name,
@@ -216,7 +208,7 @@ class ModelShape:
             if missing < 0:
                 raise ValueError(
                     f"the {adapter.name} shape implies {shape.num_params():,} parameters but the model has {real:,}: "
-                    "the shape reader does not match this model"
+                    "the family adapter's shape_facts do not match this model"
                 )
             warnings.warn(
                 f"{missing:,} parameters of this {type(model).__name__} are not described structurally; "
@@ -243,7 +235,8 @@ class ModelShape:
             return values
 
         q, kv, i = per_layer(heads, "heads"), per_layer(kv_heads, "kv_heads"), per_layer(neurons, "neurons")
-        if self.fused_qkv or self.family in ("gpt2", "bert"):
+        adapter = FAMILIES.get(self.family)
+        if self.fused_qkv or (adapter is not None and not adapter.grouped_kv):
             if q != kv:
                 raise ValueError(f"{self.family} has one key/value head per query head: kv_heads must equal heads")
         return replace(self, heads=q, kv_heads=kv, intermediate=i)
@@ -360,7 +353,7 @@ def _is_int(x: object) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
-def _layer_facts(adapter, layers: list[LayerUnits]) -> dict:
+def _layer_facts(adapter: FamilyAdapter, layers: list[LayerUnits]) -> dict:
     """Bias / fusion / gating facts of the layers, read from the modules through the adapter's slices."""
     seen = []
     for layer in layers:
@@ -381,71 +374,6 @@ def _layer_facts(adapter, layers: list[LayerUnits]) -> dict:
     if any(f != seen[0] for f in seen):
         raise ValueError("layers differ in biases, fusion or gating; ModelShape describes them with one set of flags")
     return seen[0]
-
-
-def _positive(p: float | None) -> bool:
-    return bool(p) and p > 0
-
-
-def _llama_like_facts(model: nn.Module, config: PretrainedConfig) -> dict:
-    return dict(
-        norm="rms",
-        final_norm=True,
-        rotary=True,
-        activation=config.hidden_act,
-        softmax_fp32=True,
-        attention_dropout=_positive(getattr(config, "attention_dropout", 0.0)),
-    )
-
-
-def _gpt2_facts(model: nn.Module, config: PretrainedConfig) -> dict:
-    return dict(
-        norm="layer",
-        final_norm=True,
-        rotary=False,
-        position_embeddings=config.n_positions,
-        activation=config.activation_function,
-        softmax_fp32=False,
-        attention_dropout=_positive(config.attn_pdrop),
-        hidden_dropout=_positive(config.resid_pdrop),
-        embedding_dropout=_positive(config.embd_pdrop),
-    )
-
-
-def _bert_facts(model: nn.Module, config: PretrainedConfig) -> dict:
-    classifier_p = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
-    return dict(
-        norm="layer",
-        final_norm=False,
-        embedding_norm=True,
-        rotary=False,
-        position_embeddings=config.max_position_embeddings,
-        token_type_embeddings=config.type_vocab_size,
-        activation=config.hidden_act,
-        softmax_fp32=False,
-        attention_dropout=_positive(config.attention_probs_dropout_prob),
-        hidden_dropout=_positive(config.hidden_dropout_prob),
-        embedding_dropout=_positive(config.hidden_dropout_prob),
-        classifier_dropout=_positive(classifier_p),
-        pooler=getattr(model.base_model, "pooler", None) is not None,
-        head_transform_if_lm=True,  # BERT's LM heads (MLM, causal) put dense + act + LayerNorm before the decoder
-    )
-
-
-ShapeReader = Callable[[nn.Module, PretrainedConfig], dict]
-SHAPE_READERS: dict[str, ShapeReader] = {
-    "llama": _llama_like_facts,
-    "qwen2": _llama_like_facts,
-    "mistral": _llama_like_facts,
-    "gpt2": _gpt2_facts,
-    "bert": _bert_facts,
-}
-
-
-def register_shape_reader(family: str, reader: ShapeReader) -> None:
-    """Teach `ModelShape.from_model` a new family (keyed by the adapter's `name`): `reader(model, config)` returns
-    the ModelShape fields that the adapter's layers do not give (norm kind, positions, activation, dropout, ...)."""
-    SHAPE_READERS[family] = reader
 
 
 _HEAD_MAPPINGS: tuple[tuple[str, str], ...] = (
@@ -861,5 +789,4 @@ __all__ = [
     "min_gpus_per_stage",
     "optimizer_state_elements",
     "parse_memory",
-    "register_shape_reader",
 ]

@@ -110,6 +110,15 @@ def test_with_counts_validates():
         ModelShape.from_model(build("gpt2")).with_counts(2, 1, 24)
 
 
+def test_with_counts_takes_the_key_value_rule_from_the_family_adapter():
+    bert = ModelShape.from_model(build("bert"))
+    assert not bert.fused_qkv  # BERT's q/k/v are separate: only its adapter says k/v cannot be grouped
+    with pytest.raises(ValueError, match="bert has one key/value head per query head"):
+        bert.with_counts(2, 1, 24)
+    # a hand-made shape of an unregistered family follows its own fields only
+    assert replace(bert, family="custom").with_counts(2, 1, 24).kv_heads == [1, 1]
+
+
 def _matmul_weights(model: nn.Module) -> int:
     """Weights of every Linear / Conv1D the model runs per token, the output projection counted even when tied."""
     return sum(m.weight.numel() for m in model.modules() if isinstance(m, (nn.Linear, Conv1D)))
