@@ -4,11 +4,20 @@
     plan = earlycrop.make_plan(model, scores, earlycrop.SelectionConfig(heads=0.5, mlp=0.5))
     earlycrop.prune(model, plan, optimizer)
 
-Extension point: `@register_adapter` on a `FamilyAdapter` subclass adds a model family (memory model,
-run configs and model building included).
+Extension points: `@register_adapter` on a `FamilyAdapter` subclass adds a model family (memory model,
+run configs and model building included); `@register_criterion` on a `Criterion` subclass adds a criterion.
 """
 
-from .criteria import CRITERIA, Criterion, Scores, make_criterion, score_units
+from .criteria import (
+    CRITERIA,
+    Criterion,
+    ScoringContext,
+    criterion_options,
+    make_criterion,
+    register_criterion,
+    score_units,
+    unregister_criterion,
+)
 from .distill import DistillWeights, Teacher, distillation_loss, hidden_state_loss, logit_kl
 from .families import (
     FAMILIES,
@@ -20,6 +29,7 @@ from .families import (
     unregister_adapter,
 )
 from .gates import attach_gates, gated
+from .scores import Scores
 from .select import Plan, SelectionConfig, make_plan, params_after
 from .serialization import from_pretrained, plain_loadable, save_pretrained
 from .surgery import PruneResult, prune
@@ -33,9 +43,11 @@ __all__ = [
     "Plan",
     "PruneResult",
     "Scores",
+    "ScoringContext",
     "SelectionConfig",
     "Teacher",
     "attach_gates",
+    "criterion_options",
     "distillation_loss",
     "family_adapter",
     "from_pretrained",
@@ -49,8 +61,10 @@ __all__ = [
     "plain_loadable",
     "prune",
     "register_adapter",
+    "register_criterion",
     "save_pretrained",
     "score_units",
     "supported_families",
     "unregister_adapter",
+    "unregister_criterion",
 ]

@@ -1,10 +1,14 @@
 """Importance criteria for heads and MLP neurons: one class each, one small interface.
 
 Every criterion returns `Scores` (larger = keep) computed on the same gates, so selection and
-surgery never know which criterion ran. Data-parallel exactness is the caller's business but
-is made possible here: each criterion sums over its batches and calls `reduce` (an all-reduce
-sum, identity by default) on the signed sums BEFORE any absolute value or square of a sum,
-so N ranks over N shards give the scores of one process over all batches (DESIGN.md §4).
+surgery never know which criterion ran. A criterion is a `Criterion` subclass with a `name`, a
+`score(ctx: ScoringContext) -> Scores` method and its constructor's keyword arguments as
+options, registered with `@register_criterion`; the built-ins below register themselves so.
+
+Data-parallel exactness is the caller's business but is made possible here: each criterion
+sums over its batches and calls `reduce` (an all-reduce sum, identity by default) on the
+signed sums BEFORE any absolute value or square of a sum, so N ranks over N shards give the
+scores of one process over all batches (docs/DESIGN.md §4).
 """
 
 from __future__ import annotations
@@ -14,7 +18,8 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from types import MappingProxyType
+from typing import Any, ClassVar, Literal, TypeVar
 
 import torch
 from torch import nn
@@ -23,6 +28,7 @@ from tqdm.auto import tqdm
 
 from .families import FamilyAdapter, get_adapter
 from .gates import Gates, gated
+from .scores import Scores
 
 Batch = Mapping[str, torch.Tensor]
 LossFn = Callable[[nn.Module, Batch], torch.Tensor]
@@ -39,48 +45,13 @@ def _identity(t: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass
-class Scores:
-    """Per-layer importance: heads [H_l] and neurons [I_l] for every layer l; larger = keep."""
-
-    heads: list[torch.Tensor]
-    neurons: list[torch.Tensor]
-
-    def to_tensors(self) -> dict[str, torch.Tensor]:
-        """float32 tensors for safetensors: `heads` [L × H], `neurons` [L × I] when every layer is the
-        same size (always for a dense model), else one `heads.<l>` / `neurons.<l>` per layer."""
-        out: dict[str, torch.Tensor] = {}
-        for key, rows in (("heads", self.heads), ("neurons", self.neurons)):
-            rows = [r.detach().float().cpu().contiguous() for r in rows]
-            if len({r.numel() for r in rows}) == 1:
-                out[key] = torch.stack(rows)
-            else:
-                out.update({f"{key}.{i}": r for i, r in enumerate(rows)})
-        return out
-
-    @classmethod
-    def from_tensors(cls, tensors: Mapping[str, torch.Tensor]) -> Scores:
-        def rows(key: str) -> list[torch.Tensor]:
-            if key in tensors:
-                return list(tensors[key].unbind(0))
-            n = sum(1 for k in tensors if k.startswith(f"{key}."))
-            return [tensors[f"{key}.{i}"] for i in range(n)]
-
-        return cls(heads=rows("heads"), neurons=rows("neurons"))
-
-    def check_finite(self, criterion: str) -> None:
-        for kind, rows in (("heads", self.heads), ("neurons", self.neurons)):
-            for layer, r in enumerate(rows):
-                if not torch.isfinite(r).all():
-                    raise FloatingPointError(
-                        f"scoring: criterion {criterion!r} produced NaN/Inf {kind} scores in layer {layer} "
-                        f"({int((~torch.isfinite(r)).sum())} of {r.numel()} units): check that layer's weights, "
-                        "the loss on the calibration batches and the learning rate"
-                    )
-
-
-@dataclass
 class ScoringContext:
-    """What a criterion may use: the model with gates attached, its adapter, and the data."""
+    """What a criterion may use: the model with gates attached, its adapter, and the data.
+
+    `gates.parameters()` are the per-unit gates c (all ones) to differentiate; `iter_batches` yields
+    the calibration batches on the model's device; `reduce_all` sums over data-parallel ranks (call
+    it on signed sums, before any abs / square); `as_scores` turns flat per-gate tensors into Scores.
+    """
 
     model: nn.Module
     adapter: FamilyAdapter
@@ -108,13 +79,41 @@ class ScoringContext:
 
 
 class Criterion(ABC):
-    """Scores every head and MLP neuron of a gated model; larger = more important."""
+    """Scores every head and MLP neuron of a gated model; larger = more important.
+
+    `name` is what configs and `make_criterion` call it; `uses_data = False` for criteria that need
+    no calibration batches; the constructor's keyword arguments are its options."""
 
     name: ClassVar[str]
     uses_data: ClassVar[bool] = True
 
     @abstractmethod
     def score(self, ctx: ScoringContext) -> Scores: ...
+
+
+_REGISTRY: dict[str, type[Criterion]] = {}
+# name → Criterion class, every registered criterion (read-only: register with `register_criterion`)
+CRITERIA: Mapping[str, type[Criterion]] = MappingProxyType(_REGISTRY)
+
+C = TypeVar("C", bound=type[Criterion])
+
+
+def register_criterion(cls: C) -> C:
+    """Class decorator: make a `Criterion` subclass available under its `name` (configs, `make_criterion`,
+    `score_units`); registering a name again replaces that criterion."""
+    if not (isinstance(cls, type) and issubclass(cls, Criterion)):
+        raise TypeError(f"register_criterion takes a Criterion subclass, not {cls!r}")
+    name = getattr(cls, "name", None)
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"{cls.__name__}.name must be a non-empty criterion name")
+    _REGISTRY[name] = cls
+    return cls
+
+
+def unregister_criterion(name: str) -> type[Criterion]:
+    """Remove a criterion from the registry (e.g. one a test registered) and return its class."""
+    _criterion_class(name)  # an unknown name raises, listing the registered ones
+    return _REGISTRY.pop(name)
 
 
 def _gate_grads(ctx: ScoringContext, loss: torch.Tensor) -> list[torch.Tensor]:
@@ -173,6 +172,7 @@ def hessian_gradient_product(ctx: ScoringContext, hvp: Literal["exact", "finite_
     return ctx.reduce_all(acc)
 
 
+@register_criterion
 class EarlyCroP(Criterion):
     """|H_cθ · g|: how much removing a unit would change gradient flow (Rachwan et al., 2022)."""
 
@@ -185,6 +185,7 @@ class EarlyCroP(Criterion):
         return ctx.as_scores([t.abs() for t in hessian_gradient_product(ctx, self.hvp, self.fd_step)])
 
 
+@register_criterion
 class GraSP(Criterion):
     """GraSP keeps the units whose removal would reduce gradient flow most: signed H_cθ · g."""
 
@@ -197,6 +198,7 @@ class GraSP(Criterion):
         return ctx.as_scores(hessian_gradient_product(ctx, self.hvp, self.fd_step))
 
 
+@register_criterion
 class SNIP(Criterion):
     """First-order Taylor / SNIP: |Σ_b ∂L_b/∂c|."""
 
@@ -210,6 +212,7 @@ class SNIP(Criterion):
         return ctx.as_scores([t.abs() for t in ctx.reduce_all(acc)])
 
 
+@register_criterion
 class Fisher(Criterion):
     """Σ_b (∂L_b/∂c)²: the head importance of Michel et al. (2019), per batch then summed."""
 
@@ -223,6 +226,7 @@ class Fisher(Criterion):
         return ctx.as_scores(ctx.reduce_all(acc))
 
 
+@register_criterion
 class Activation(Criterion):
     """Mean output norm of each unit over all calibration tokens (the Minitron importance).
     Padding (`attention_mask == 0`) is neither summed nor counted."""
@@ -270,6 +274,7 @@ class Activation(Criterion):
         return ctx.as_scores([s / tokens.clamp_min(1) for s in sums])
 
 
+@register_criterion
 class Magnitude(Criterion):
     """L2 norm of all weights that belong to the unit (no data needed)."""
 
@@ -301,6 +306,7 @@ class Magnitude(Criterion):
         return total.sqrt()
 
 
+@register_criterion
 class Random(Criterion):
     """Seeded uniform noise: the baseline every criterion must beat. Same on every rank."""
 
@@ -316,18 +322,39 @@ class Random(Criterion):
         return ctx.as_scores(flat)
 
 
-CRITERIA: dict[str, type[Criterion]] = {
-    c.name: c for c in (EarlyCroP, GraSP, SNIP, Fisher, Activation, Magnitude, Random)
-}
+def _criterion_class(name: str) -> type[Criterion]:
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown criterion {name!r}; choose one of: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name]
 
 
-def make_criterion(name: str, **options) -> Criterion:
-    """Build a criterion by name; options go to its constructor (e.g. `hvp`, `fd_step`, `seed`)."""
-    if name not in CRITERIA:
-        raise ValueError(f"unknown criterion {name!r}; choose one of: {', '.join(sorted(CRITERIA))}")
-    cls = CRITERIA[name]
-    accepted = inspect.signature(cls.__init__).parameters
-    return cls(**{k: v for k, v in options.items() if k in accepted})
+def _accepted_options(cls: type[Criterion]) -> list[str] | None:
+    """The constructor's keyword options, sorted; None when it takes **kwargs (anything goes)."""
+    params = inspect.signature(cls).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return None
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return sorted(p.name for p in params if p.kind in kinds)
+
+
+def criterion_options(name: str, **candidates: Any) -> dict[str, Any]:
+    """The subset of `candidates` that criterion `name` accepts, for callers holding every criterion's
+    settings (a run config's hvp / fd_step / seed): `make_criterion(name, **criterion_options(name, ...))`."""
+    accepted = _accepted_options(_criterion_class(name))
+    return dict(candidates) if accepted is None else {k: v for k, v in candidates.items() if k in accepted}
+
+
+def make_criterion(name: str, **options: Any) -> Criterion:
+    """Build a criterion by name with its constructor options (e.g. `hvp`, `fd_step`, `seed`); an option the
+    criterion does not take is an error, so a typo never silently falls back to a default."""
+    cls = _criterion_class(name)
+    accepted = _accepted_options(cls)
+    unknown = sorted(set(options) - set(accepted)) if accepted is not None else []
+    if unknown:
+        raise ValueError(
+            f"criterion {name!r} has no option {unknown[0]!r}; accepted: {', '.join(accepted) or 'none'}"
+        )
+    return cls(**options)
 
 
 def score_units(

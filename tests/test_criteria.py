@@ -344,3 +344,76 @@ def test_activation_ignores_padding(family):
     with_padding = score_units(model, "activation", padded)
     for x, y in zip(flat(plain), flat(with_padding)):
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------
+# 8. The criterion registry and options
+
+
+def test_make_criterion_rejects_an_unknown_option():
+    with pytest.raises(ValueError, match="criterion 'earlycrop' has no option 'fd_stpe'; accepted: fd_step, hvp$"):
+        make_criterion("earlycrop", fd_stpe=1e-3)
+    with pytest.raises(ValueError, match="criterion 'snip' has no option 'seed'; accepted: none"):
+        make_criterion("snip", seed=1)
+    assert make_criterion("earlycrop", hvp="finite_difference", fd_step=1e-3).fd_step == 1e-3
+
+
+def test_criterion_options_keeps_what_each_criterion_takes():
+    settings = dict(hvp="finite_difference", fd_step=1e-3, seed=7)
+    assert earlycrop.criterion_options("earlycrop", **settings) == dict(hvp="finite_difference", fd_step=1e-3)
+    assert earlycrop.criterion_options("random", **settings) == dict(seed=7)
+    assert earlycrop.criterion_options("fisher", **settings) == {}
+    for name in earlycrop.CRITERIA:
+        assert make_criterion(name, **earlycrop.criterion_options(name, **settings)).name == name
+    with pytest.raises(ValueError, match="unknown criterion 'bogus'"):
+        earlycrop.criterion_options("bogus", seed=1)
+
+
+class NegatedMagnitude(earlycrop.Criterion):
+    """A throwaway criterion: keeps the SMALLEST weights, so its plan is the opposite of magnitude's."""
+
+    name = "negated_magnitude"
+    uses_data = False
+
+    def __init__(self, scale: float = 1.0):
+        self.scale = scale
+
+    def score(self, ctx: earlycrop.ScoringContext) -> earlycrop.Scores:
+        dense = make_criterion("magnitude").score(ctx)
+        return earlycrop.Scores([-self.scale * h for h in dense.heads], [-self.scale * n for n in dense.neurons])
+
+
+@pytest.fixture
+def negated_magnitude():
+    earlycrop.register_criterion(NegatedMagnitude)
+    try:
+        yield NegatedMagnitude
+    finally:
+        earlycrop.unregister_criterion("negated_magnitude")
+
+
+def test_a_registered_criterion_works_by_name(negated_magnitude):
+    from pipeline.config import PruneConfig
+
+    assert earlycrop.CRITERIA["negated_magnitude"] is negated_magnitude
+    assert PruneConfig(criterion="negated_magnitude").criterion == "negated_magnitude"
+    with pytest.raises(ValueError, match="has no option 'seed'; accepted: scale"):
+        make_criterion("negated_magnitude", seed=0)
+    model = build("llama")
+    mine = score_units(model, make_criterion("negated_magnitude", scale=2.0))
+    reference = score_units(model, "magnitude")
+    for x, y in zip(flat(mine), flat(reference)):
+        assert torch.equal(x, -2.0 * y)
+
+
+def test_registry_refuses_non_criteria_and_forgets_unregistered_ones():
+    with pytest.raises(TypeError, match="takes a Criterion subclass"):
+        earlycrop.register_criterion(object)
+    with pytest.raises(TypeError):
+        earlycrop.CRITERIA["x"] = NegatedMagnitude  # the registry view is read-only
+    earlycrop.register_criterion(NegatedMagnitude)
+    assert earlycrop.unregister_criterion("negated_magnitude") is NegatedMagnitude
+    assert "negated_magnitude" not in earlycrop.CRITERIA
+    with pytest.raises(ValueError, match="unknown criterion 'negated_magnitude'"):
+        make_criterion("negated_magnitude")
+    assert list(earlycrop.CRITERIA) == ["earlycrop", "grasp", "snip", "fisher", "activation", "magnitude", "random"]
