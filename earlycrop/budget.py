@@ -59,8 +59,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from .criteria import Scores
-from .families import get_adapter
+from .families import architecture_class, get_adapter
 from .memory import (
     MemoryEstimate,
     ModelShape,
@@ -71,7 +70,8 @@ from .memory import (
     min_gpus_per_stage,
     parse_memory,
 )
-from .select import Plan, SelectionConfig, _head_multiple, _units, make_plan
+from .scores import Scores
+from .select import Plan, SelectionConfig, head_unit_multiple, make_plan, selectable_head_units
 
 BudgetKind = Literal["memory", "params", "flops"]
 Search = Literal["both", "heads", "mlp"]
@@ -183,7 +183,7 @@ def model_skeleton(path: str | Path, *, task: str | None = None, num_labels: int
     like the pipeline does."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    from .serialization import _model_class, plain_loadable
+    from .serialization import plain_loadable
     from .surgery import LAYOUT_KEY, prune, shape_plan
 
     folder = Path(path)
@@ -196,7 +196,7 @@ def model_skeleton(path: str | Path, *, task: str | None = None, num_labels: int
                 config.num_labels = num_labels
             model = AutoModelForSequenceClassification.from_config(config)
         else:
-            model = _model_class(config)(config)
+            model = architecture_class(config)(config)
         if not plain_loadable(config):
             prune(model, shape_plan(model, getattr(config, LAYOUT_KEY)))
     return model
@@ -272,13 +272,13 @@ class BudgetResult:
         return self.dense_value <= self.limit
 
     def summary(self) -> str:
-        what = _format_measure(self.budget.kind, self.value)
+        what = format_measure(self.budget.kind, self.value)
         if self.ratio == 0 and self.removed["heads"] == 0 and self.removed["mlp"] == 0:
-            return f"no pruning needed: the dense model takes {what} of {_format_measure(self.budget.kind, self.limit)} allowed"
+            return f"no pruning needed: the dense model takes {what} of {format_measure(self.budget.kind, self.limit)} allowed"
         return (
             f"heads={self.heads:g} mlp={self.mlp:g} (removes {self.removed['heads']:.1%} of heads, "
-            f"{self.removed['mlp']:.1%} of MLP neurons): {what} of {_format_measure(self.budget.kind, self.limit)} "
-            f"allowed (dense {_format_measure(self.budget.kind, self.dense_value)})"
+            f"{self.removed['mlp']:.1%} of MLP neurons): {what} of {format_measure(self.budget.kind, self.limit)} "
+            f"allowed (dense {format_measure(self.budget.kind, self.dense_value)})"
         )
 
 
@@ -289,7 +289,8 @@ def _format_count(x: float) -> str:
     return f"{x:.3g}"
 
 
-def _format_measure(kind: str, x: float) -> str:
+def format_measure(kind: str, x: float) -> str:
+    """A budget measure as a reader sees it: "12.00 GiB per GPU", "1,234 parameters" or "2.5G FLOPs/token"."""
     if kind == "memory":
         return f"{format_bytes(x)} per GPU"
     if kind == "params":
@@ -302,7 +303,7 @@ def _max_ratio(model: nn.Module, base: SelectionConfig, kind: str) -> float:
     keeps nothing in the ranking (every layer then keeps one multiple)."""
     layers = get_adapter(model).layers(model)
     if kind == "heads":
-        totals = [(_units(l, base.gqa), _head_multiple(l, base.gqa)) for l in layers]
+        totals = [(selectable_head_units(l, base.gqa), head_unit_multiple(l, base.gqa)) for l in layers]
     else:
         totals = [(l.intermediate_size, min(base.round_to, l.intermediate_size)) for l in layers]
     if base.layout == "uniform":
@@ -425,6 +426,15 @@ class _Searcher:
         return r
 
 
+def _below(s: _Searcher, model: nn.Module, ratio: float | None) -> dict | None:
+    """The next less pruned plan (at the largest ratio known not to fit), as `BudgetResult.below` reports it."""
+    if ratio is None:
+        return None
+    plan, selection = s.plan(ratio)
+    return {"ratio": ratio, "heads": selection.heads, "mlp": selection.mlp, "value": s.measure(s.shape(plan))[0],
+            "counts": plan.counts(), "config_error": plan_config_error(model, plan)}
+
+
 def fit_to_budget(
     model: nn.Module,
     scores: Scores | None,
@@ -493,22 +503,14 @@ def fit_to_budget(
     value, est = s.measure(shape)
     if value > s.limit:  # the final check: the returned plan fits, never an overshoot
         raise AssertionError(f"internal error: the chosen plan needs {value} > {s.limit}")
-    below = None
-    if lo_fail is not None:
-        below_plan, below_sel = s.plan(lo_fail)
-        below = {"ratio": lo_fail, "heads": below_sel.heads, "mlp": below_sel.mlp,
-                 "value": s.measure(s.shape(below_plan))[0], "counts": below_plan.counts(),
-                 "config_error": plan_config_error(model, below_plan)}
     counts = plan.counts()
-    removed = {
-        "heads": 1.0 - sum(counts["heads"]) / sum(plan.dense_heads),
-        "mlp": 1.0 - sum(counts["neurons"]) / sum(plan.dense_neurons),
-    }
+    removed = {"heads": 1.0 - sum(counts["heads"]) / sum(plan.dense_heads),
+               "mlp": 1.0 - sum(counts["neurons"]) / sum(plan.dense_neurons)}
     plan.meta["budget"] = {"budget": str(budget), "kind": budget.kind, "limit": s.limit, "value": value, "ratio": r,
                            "search": search, "headroom": headroom}
     return BudgetResult(
         budget=budget, plan=plan, selection=selection, ratio=r, removed=removed, value=value, dense_value=dense_value,
-        limit=s.limit, setup=setup, shape=shape, dense_shape=s.dense_shape, memory=est, below=below,
+        limit=s.limit, setup=setup, shape=shape, dense_shape=s.dense_shape, memory=est, below=_below(s, model, lo_fail),
         skipped_unsaveable=skipped, evaluations=s.evaluations,
     )
 
@@ -526,8 +528,8 @@ def _refusal(s: _Searcher, dense_value: float) -> str:
     if budget.kind != "memory":
         what = "parameters" if budget.kind == "params" else "training FLOPs per token"
         return (
-            f"budget {budget} cannot be met: {most} still has {_format_measure(budget.kind, value)} "
-            f"(dense {_format_measure(budget.kind, dense_value)}); embeddings, norms and the output layer are not "
+            f"budget {budget} cannot be met: {most} still has {format_measure(budget.kind, value)} "
+            f"(dense {format_measure(budget.kind, dense_value)}); embeddings, norms and the output layer are not "
             f"pruned, so fewer {what} need a smaller model"
         )
     st = s.setup
@@ -697,6 +699,7 @@ __all__ = [
     "BudgetResult",
     "budget_report",
     "fit_to_budget",
+    "format_measure",
     "model_shape",
     "model_skeleton",
     "placeholder_scores",

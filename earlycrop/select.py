@@ -14,8 +14,8 @@ from typing import Literal
 import torch
 from torch import nn
 
-from .criteria import Scores
 from .families import LayerUnits, get_adapter
+from .scores import Scores
 
 
 @dataclass
@@ -130,12 +130,14 @@ def _kept_heads(layer: LayerUnits, head_scores: torch.Tensor, keep_units: int, g
     return heads, list(range(layer.num_kv_heads))
 
 
-def _head_multiple(layer: LayerUnits, gqa: str) -> int:
+def head_unit_multiple(layer: LayerUnits, gqa: str) -> int:
     """Kept selectable head units must be a multiple of this to keep GQA groups consistent."""
     return 1 if layer.heads_per_group == 1 or gqa == "group" else layer.num_kv_heads
 
 
-def _units(layer: LayerUnits, gqa: str) -> int:
+def selectable_head_units(layer: LayerUnits, gqa: str) -> int:
+    """How many head units selection chooses from in this layer: query heads, or key/value groups
+    (without GQA, or with `gqa: group`)."""
     g = layer.heads_per_group
     return layer.num_kv_heads if g == 1 or gqa == "group" else layer.num_heads
 
@@ -222,21 +224,21 @@ def make_plan(model: nn.Module, scores: Scores, config: SelectionConfig, meta: d
         ratio = _ratio_for_budget(model, scores, config)
         config = SelectionConfig(ratio, ratio, config.layout, config.round_to, config.gqa)
     head_units = [_head_units(l, s, config.gqa)[0] for l, s in zip(layers, scores.heads)]
-    head_mult = [_head_multiple(l, config.gqa) for l in layers]
+    head_mult = [head_unit_multiple(l, config.gqa) for l in layers]
     if config.layout == "uniform":
-        head_counts = [_uniform_keep(_units(l, config.gqa), config.heads, m, "heads", i) for i, (l, m) in enumerate(zip(layers, head_mult))]
+        head_counts = [_uniform_keep(selectable_head_units(l, config.gqa), config.heads, m, "heads", i) for i, (l, m) in enumerate(zip(layers, head_mult))]
         neuron_counts = [_uniform_keep(l.intermediate_size, config.mlp, config.round_to, "mlp", i) for i, l in enumerate(layers)]
     else:
         head_counts = _global_counts(head_units, config.heads, head_mult)
         neuron_counts = _global_counts(scores.neurons, config.mlp, [config.round_to] * len(layers))
-    _check_removes_something("heads", config.heads, head_counts, [_units(l, config.gqa) for l in layers], head_mult)
+    _check_removes_something("heads", config.heads, head_counts, [selectable_head_units(l, config.gqa) for l in layers], head_mult)
     _check_removes_something("mlp", config.mlp, neuron_counts, [l.intermediate_size for l in layers], [config.round_to] * len(layers))
     heads, kv_heads, neurons, kept_units = [], [], [], []
     for layer, hs, ns, hc, nc in zip(layers, scores.heads, scores.neurons, head_counts, neuron_counts):
         q, kv = _kept_heads(layer, hs, hc, config.gqa)
         heads.append(q)
         kv_heads.append(kv)
-        kept_units.append(q if _units(layer, config.gqa) == layer.num_heads else kv)
+        kept_units.append(q if selectable_head_units(layer, config.gqa) == layer.num_heads else kv)
         neurons.append(_top(ns, nc))
     ties = {
         "heads": _tied_units(_ranking_pools(head_units, kept_units, config.layout)),
@@ -296,7 +298,7 @@ def _ratio_for_budget(model: nn.Module, scores: Scores, config: SelectionConfig)
         # multiple (GQA group / round_to) per layer, which is the ratio 1 - multiple / total
         layers = get_adapter(model).layers(model)
         hi = min(
-            min(1.0 - _head_multiple(l, config.gqa) / _units(l, config.gqa), 1.0 - config.round_to / l.intermediate_size)
+            min(1.0 - head_unit_multiple(l, config.gqa) / selectable_head_units(l, config.gqa), 1.0 - config.round_to / l.intermediate_size)
             for l in layers
         )
         hi = max(hi, 0.0)

@@ -136,7 +136,7 @@ def run_plan(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from earlycrop.budget import Budget, budget_report, fit_to_budget
+    from earlycrop.budget import Budget, budget_report, fit_to_budget, format_measure
     from earlycrop.memory import TrainingSetup, format_bytes
     from earlycrop.select import SelectionConfig
 
@@ -186,7 +186,7 @@ def _run(args: argparse.Namespace) -> int:
               f"--round-to {base.round_to} --gqa {base.gqa} ...")
         if result.below is not None:
             print(f"  the next less pruned plan ({_per_layer(result.below['counts'], plan, base.layout)}) "
-                  f"would need {_measure(budget.kind, result.below['value'])}")
+                  f"would need {format_measure(budget.kind, result.below['value'])}")
         errors: dict[str, int] = {}
         for item in result.skipped_unsaveable:
             errors[item["error"]] = errors.get(item["error"], 0) + 1
@@ -221,9 +221,3 @@ def _alternatives(model, base, setup, budget, args, result) -> list:
         if other.plan.counts() != result.plan.counts():
             out.append(other)
     return out
-
-
-def _measure(kind: str, value: float) -> str:
-    from earlycrop.budget import _format_measure
-
-    return _format_measure(kind, value)

@@ -17,6 +17,7 @@ from earlycrop.budget import (
     BudgetReport,
     budget_report,
     fit_to_budget,
+    format_measure,
     model_shape,
     model_skeleton,
     placeholder_scores,
@@ -364,6 +365,12 @@ def test_model_skeleton_reads_pruned_folders(tmp_path):
     skeleton = model_skeleton(tmp_path / "m")
     assert next(skeleton.parameters()).is_meta
     assert model_shape(skeleton) == ModelShape.from_model(model)
+
+
+def test_format_measure_names_the_unit():
+    assert format_measure("memory", 3 * 2**30) == "3.00 GiB per GPU"
+    assert format_measure("params", 1234567.9) == "1,234,567 parameters"
+    assert format_measure("flops", 2.5e9) == "2.5G FLOPs/token"
 
 
 # ----------------------------------------------------------------------------------------------------- the CLI

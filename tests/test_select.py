@@ -9,6 +9,7 @@ import torch
 
 import earlycrop
 from earlycrop import Plan, Scores, SelectionConfig, make_plan, params_after, prune
+from earlycrop.select import head_unit_multiple, selectable_head_units
 from tests.tiny_models import FAMILIES, batches, build
 
 torch.set_num_threads(1)
@@ -316,3 +317,25 @@ def test_from_pretrained_without_config(tmp_path):
         earlycrop.from_pretrained(tmp_path)
     with pytest.raises(FileNotFoundError, match="config.json is missing"):
         earlycrop.from_pretrained(tmp_path / "does-not-exist")
+
+
+# --------------------------------------------------------------------------------------------
+# 8. Selectable head units (public: the budget search uses them too)
+
+
+@pytest.mark.parametrize("family, gqa, units, multiple", [
+    ("llama", "per_group", 8, 2), ("llama", "group", 2, 1), ("gpt2", "per_group", 4, 1), ("gpt2", "group", 4, 1),
+])
+def test_selectable_head_units_are_what_make_plan_counts(family, gqa, units, multiple):
+    model = build(family)
+    layer = earlycrop.get_adapter(model).layers(model)[0]
+    assert (selectable_head_units(layer, gqa), head_unit_multiple(layer, gqa)) == (units, multiple)
+    plan = make_plan(model, random_scores(model), SelectionConfig(heads=0.5, gqa=gqa))
+    kept = len(plan.heads[0]) if units == layer.num_heads else len(plan.kv_heads[0])
+    assert kept == units // 2 and kept % multiple == 0
+
+
+def test_scores_is_one_class_wherever_it_is_imported():
+    from earlycrop import criteria, scores
+
+    assert Scores is scores.Scores is criteria.Scores
