@@ -1,0 +1,99 @@
+"""Recovery and distillation inside the job (pipeline/finetune.py): the teacher is the dense model and
+stays frozen, the terms are logged, recovery moves the pruned model toward the dense one, a distilled
+run resumes bit-identically (the teacher is rebuilt, never checkpointed), and N ranks recover like one."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pipeline.config import load_config
+from pipeline.finetune import recover, recovery_blocks
+from pipeline.run import Job
+
+from . import launching
+
+CONFIG = "configs/ci_tiny.yaml"
+DISTILL = ["tracking=false", "train.distill.enabled=true", "train.distill.hidden=1.0", "train.distill.logits=0.5",
+           "train.recovery_steps=6", "train.scheduler=constant", "train.warmup_steps=0", "train.checkpoint_every=0"]
+
+
+def digest(model: torch.nn.Module) -> str:
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode() + tensor.detach().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def test_teacher_is_the_dense_model_and_is_never_updated(tmp_path):
+    job = Job(load_config(CONFIG, [f"output_dir={tmp_path}", *DISTILL, "train.max_steps=4"]))
+    job.setup()
+    dense = digest(job.model)
+    job.warm_up_head()
+    job.prune_before_training()
+    assert digest(job.teacher.model) == dense, "the teacher is the dense model as built, before the cut"
+    assert all(not p.requires_grad for p in job.teacher.model.parameters())
+    job.recover()
+    job.prepare_training()
+    job.train()
+    summary = job.evaluate()
+    job.close()
+    assert digest(job.teacher.model) == dense, "recovery and distilled training must not touch the teacher"
+    assert all(p.grad is None for p in job.teacher.model.parameters())
+    assert summary["params_final"] < summary["params_dense"] and summary["time_recovery_s"] > 0
+    logged = [h for h in job.state.history if "distill_hidden" in h]
+    assert logged and all(h["distill_hidden"] > 0 and h["distill_logits"] > 0 and "distill_task" in h for h in logged)
+
+
+def test_recovery_moves_the_pruned_model_toward_the_dense_one(tmp_path):
+    job = Job(load_config(CONFIG, [f"output_dir={tmp_path}", *DISTILL, "train.recovery_steps=30", "train.lr=1e-3"]))
+    job.setup()
+    job.prune_before_training()
+    losses = recover(job.cfg, job.accelerator, job.model, job.teacher, recovery_blocks(job.cfg, job.prepared))
+    job.tracker.close()
+    assert len(losses) == 30 and losses[-1] < 0.5 * losses[0]
+
+
+def test_a_distilled_run_resumes_bit_identically(tmp_path):
+    whole = tmp_path / "whole"
+    Job(load_config(CONFIG, [f"output_dir={whole}", *DISTILL, "train.max_steps=8"])).run()
+    part = tmp_path / "part"
+    Job(load_config(CONFIG, [f"output_dir={part}", *DISTILL, "train.max_steps=8", "train.checkpoint_every=4"])).run()
+    # keep only the step-4 checkpoint, as if the run had been killed after it
+    checkpoints = sorted((part / "checkpoints").glob("step_*"))
+    for later in checkpoints[1:]:
+        shutil.rmtree(later)
+    (part / "model").rename(part / "model.first")
+    Job(load_config(CONFIG, [f"output_dir={part}", *DISTILL, "train.max_steps=8", "train.checkpoint_every=4"]),
+        resume=True).run()
+    resumed, reference = load_file(part / "model" / "model.safetensors"), load_file(whole / "model" / "model.safetensors")
+    assert resumed.keys() == reference.keys()
+    for key in reference:
+        assert torch.equal(resumed[key], reference[key]), key
+
+
+def test_distillation_refuses_a_cut_after_training_started(tmp_path):
+    with pytest.raises(ValueError, match=r"train.distill and train.recovery_steps need prune.prune_at: 0"):
+        load_config(CONFIG, [f"output_dir={tmp_path}", "train.distill.enabled=true", "prune.prune_at=4"])
+
+
+@pytest.mark.slow
+def test_two_ranks_recover_like_one_process(tmp_path):
+    """Same global batch (8 = 2 ranks × 4), float64: the recovered and trained weights agree, and so does the
+    validation loss over every validation block (a partial last batch included)."""
+    common = [*DISTILL, "model.dtype=float64", "train.max_steps=2", "train.distill.enabled=false", "train.eval_batches=1000"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    launching.cli("run", CONFIG, f"output_dir={one}", *common, "train.micro_batch_size=8")
+    launching.torchrun(2, "-m", "launch.cli", "run", CONFIG, f"output_dir={two}", *common, "train.micro_batch_size=4")
+    a, b = load_file(one / "model" / "model.safetensors"), load_file(two / "model" / "model.safetensors")
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-9, atol=1e-12)
+    first = json.loads((one / "summary.json").read_text())
+    second = json.loads((two / "summary.json").read_text())
+    assert second["time_recovery_s"] > 0 and abs(first["val_loss"] - second["val_loss"]) < 1e-6
