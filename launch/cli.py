@@ -1,4 +1,5 @@
-"""`earlycrop` command line: `run` a configured job, `prune` a model you have, `plan` for a GPU budget.
+"""`earlycrop` command line: `run` a configured job, `prune` a model you have, `plan` for a GPU budget,
+`tracking replay` a tracking backlog.
 
 Both work in one process, under `torchrun --nproc_per_node N` and under `accelerate launch`;
 calibration batches are then sharded over the ranks and the scores all-reduced exactly.
@@ -68,7 +69,18 @@ def build_parser() -> argparse.ArgumentParser:
     from .plan_cmd import add_plan_parser
 
     add_plan_parser(sub)
+    _add_tracking_parser(sub)
     return parser
+
+
+def _add_tracking_parser(sub: argparse._SubParsersAction) -> None:
+    """`earlycrop tracking replay`: a backlog kept during a tracking outage goes to the store later."""
+    tracking = sub.add_parser("tracking", help="tracking utilities (replay a backlog kept during an outage)")
+    commands = tracking.add_subparsers(dest="tracking_command", required=True)
+    replay = commands.add_parser("replay", help="send a tracking_backlog.jsonl to an MLflow store")
+    replay.add_argument("backlog", help="<output_dir>/tracking_backlog.jsonl")
+    replay.add_argument("--tracking-uri", default=None, help="default: the URI recorded in the backlog")
+    replay.add_argument("--run-id", default=None, help="replay into this run instead")
 
 
 def print_commands(config: str) -> None:
@@ -96,6 +108,11 @@ def main(argv: list[str] | None = None) -> int:
             summary = run(cfg, resume=args.resume)
             if int(os.environ.get("RANK", "0")) == 0:
                 _print_run_summary(cfg, summary)
+        elif args.command == "tracking":
+            from pipeline.tracking import replay_backlog
+
+            runs = replay_backlog(args.backlog, args.tracking_uri, run_id=args.run_id)
+            print(f"replayed {args.backlog} into run(s): {', '.join(runs)}")
         else:
             from pipeline.prune_job import prune_model
 

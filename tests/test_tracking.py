@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 
 from pipeline.plots import plot_kept_units, plot_loss_curves, plot_scores
+from pipeline.tracking.uris import create_in_store
+from launch.cli import main as cli_main
 from pipeline.tracking import (
     BACKLOG_FILE_NAME,
     MLflowTracker,
@@ -27,6 +29,7 @@ from pipeline.tracking import (
     flatten_config,
     replay_backlog,
     resolve_tracking_uri,
+    write_backlog,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -362,6 +365,118 @@ def test_transient_failures_are_buffered_and_retried(tmp_path):
     assert not (out / BACKLOG_FILE_NAME).exists()
 
 
+# Two jobs start at once on one fresh store; each waits for the go file with mlflow already imported,
+# so that both reach mlflow's schema migration together (without the store lock, one of them dies).
+_START_TOGETHER = """
+import sys, time
+from pathlib import Path
+import mlflow.tracking
+from pipeline.tracking import create_tracker
+out, go = Path(sys.argv[1]), Path(sys.argv[2])
+(out.parent / f"{out.name}.ready").touch()
+while not go.exists():
+    time.sleep(0.002)
+tracker = create_tracker(
+    is_main_process=True, output_dir=out, tracking_uri=sys.argv[3], experiment="shared", run_name=out.name
+)
+tracker.log_metrics({"loss": 1.0}, step=0)
+tracker.close()
+print(tracker.run_id)
+"""
+
+
+def test_a_lost_migration_race_is_retried_once(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    race = RuntimeError("could not start")
+    race.__cause__ = RuntimeError("CommandError: Online migration expected to match one row when updating 'a' to 'b'")
+    outcomes: list = []
+
+    def create() -> str:
+        outcome = outcomes.pop(0)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    outcomes[:] = [race, "run"]
+    assert create_in_store(uri, create, retry_delay=0.0) == "run"
+    outcomes[:] = [race, race, "run"]
+    with pytest.raises(RuntimeError, match="could not start"):  # once only
+        create_in_store(uri, create, retry_delay=0.0)
+    assert outcomes == ["run"]
+    outcomes[:] = [ValueError("bad experiment"), "run"]
+    with pytest.raises(ValueError, match="bad experiment"):  # other errors are not retried
+        create_in_store(uri, create, retry_delay=0.0)
+    assert outcomes == ["run"]
+    assert (tmp_path / "mlflow.db.lock").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_concurrent_jobs_share_a_fresh_sqlite_store(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
+    go = tmp_path / "go"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    jobs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _START_TOGETHER, str(tmp_path / name), str(go), uri],
+            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        for name in ("job-a", "job-b")
+    ]
+    deadline = time.monotonic() + 60
+    while not all((tmp_path / f"{name}.ready").exists() for name in ("job-a", "job-b")):
+        assert time.monotonic() < deadline and all(job.poll() is None for job in jobs), "jobs did not start"
+        time.sleep(0.01)
+    go.touch()
+    results = [job.communicate(timeout=120) for job in jobs]
+    for job, (_, err) in zip(jobs, results):
+        assert job.returncode == 0, err[-3000:]
+    run_ids = {out.strip().splitlines()[-1] for out, _ in results}
+    assert len(run_ids) == 2
+    client = _client(uri)
+    (exp,) = [e for e in client.search_experiments() if e.name == "shared"]
+    assert {r.info.run_id for r in client.search_runs([exp.experiment_id])} == run_ids
+    assert (tmp_path / "store" / "mlflow.db.lock").exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# Backlog replay from the command line
+# ------------------------------------------------------------------------------------------------
+
+
+def test_cli_replays_a_backlog_into_a_new_run(tmp_path, capsys):
+    kept = tmp_path / "kept.json"
+    kept.write_text("{}")
+    backlog = tmp_path / BACKLOG_FILE_NAME
+    header = {"run_id": "0" * 32, "tracking_uri": "http://127.0.0.1:9", "experiment": "lost", "run_name": "r"}
+    metrics = [{"key": "loss", "value": 2.0 - s, "timestamp": 1, "step": s} for s in range(2)]
+    artifact = {"artifact_path": "out", "is_dir": False, "staged": False}
+    write_backlog(backlog, header, [
+        ("params", {"params": {"lr": "0.1"}}),
+        ("metrics", {"metrics": metrics}),
+        ("tags", {"tags": {"phase": "late"}}),
+        ("artifact", {"local_path": str(kept), **artifact}),
+        ("artifact", {"local_path": str(tmp_path / "gone.json"), **artifact}),
+        ("terminate", {"status": "FAILED", "end_time": 2}),
+    ])  # fmt: skip
+    uri = f"sqlite:///{tmp_path / 'replay' / 'mlflow.db'}"
+    with pytest.warns(TrackingWarning, match="gone.json no longer exists"):
+        assert cli_main(["tracking", "replay", str(backlog), "--tracking-uri", uri]) == 0
+    (run_id,) = capsys.readouterr().out.strip().split(": ")[-1].split(", ")
+    client = _client(uri)
+    run = client.get_run(run_id)
+    assert run.data.params == {"lr": "0.1"} and run.data.tags["phase"] == "late"
+    assert run.data.tags["earlycrop.replayed_from"] == "0" * 32 and run.info.status == "FAILED"
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "loss")] == [(0, 2.0), (1, 1.0)]
+    assert _artifact_paths(client, run_id) == {"out/kept.json"}
+
+
+def test_cli_replay_of_a_malformed_backlog_is_a_one_line_error(tmp_path, capsys):
+    backlog = tmp_path / BACKLOG_FILE_NAME
+    backlog.write_text(json.dumps({"kind": "params", "params": {"a": "1"}}) + "\n")
+    assert cli_main(["tracking", "replay", str(backlog), "--tracking-uri", f"sqlite:///{tmp_path}/x.db"]) == 2
+    assert "record before any run header" in capsys.readouterr().err
+    assert not (tmp_path / "x.db").exists()
+
+
 # ------------------------------------------------------------------------------------------------
 # Unreachable server at start
 # ------------------------------------------------------------------------------------------------
@@ -377,6 +492,13 @@ def test_unreachable_server_fails_fast_with_clear_error(tmp_path):
     assert time.monotonic() - t0 < 15
     assert uri in str(err.value) and "unreachable" in str(err.value)
     assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_unreachable_server_error_names_the_config_key(tmp_path):
+    uri = f"http://127.0.0.1:{_free_port()}"
+    with pytest.raises(TrackingUnavailableError) as err:
+        MLflowTracker(uri, "e", "r", output_dir=tmp_path, health_timeout=1.0)
+    assert "tracking_fallback_local: true" in str(err.value) and "fallback_to_local" not in str(err.value)
 
 
 def test_hanging_server_times_out(tmp_path):
