@@ -43,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("config", help="YAML experiment config (see configs/)")
     run.add_argument("overrides", nargs="*", help="key=value overrides, e.g. output_dir=/tmp/run train.lr=1e-3")
     run.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in output_dir")
+    run.add_argument("--overwrite", action="store_true",
+                     help="replace a previous run in output_dir (its checkpoints, model, plan, scores, summary)")
     run.add_argument("--print-commands", action="store_true", help="print the launch command for each config in launch/accelerate and exit")
 
     prune = sub.add_parser("prune", help="prune a local Hugging Face model folder and save the result", epilog=EPILOG_PRUNE,
@@ -66,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="precision of scoring (float64 makes N-rank and 1-rank scores agree to round-off)")
     prune.add_argument("--seed", type=int, default=0)
     prune.add_argument("--out", required=True, help="output folder for the pruned model, plan.json and scores.safetensors")
+    prune.add_argument("--overwrite", action="store_true", help="replace the model folder already in --out")
     from .plan_cmd import add_plan_parser
 
     add_plan_parser(sub)
@@ -107,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
 
             summary = run(cfg, resume=args.resume)
             if int(os.environ.get("RANK", "0")) == 0:
-                _print_run_summary(cfg, summary)
+                print_run_summary(cfg, summary)
         elif args.command == "tracking":
             from pipeline.tracking import replay_backlog
 
@@ -124,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _print_run_summary(cfg, summary: dict) -> None:
+def print_run_summary(cfg, summary: dict) -> None:
+    """What the run reached, and a command (or address) that shows it in MLflow."""
     out = Path(cfg.output_dir)
     quality = f"accuracy {summary['val_accuracy']:.3f}" if "val_accuracy" in summary else f"perplexity {summary['val_perplexity']:.2f}"
     print(f"params {summary['params_dense']:,} → {summary['params_final']:,}; "
@@ -132,8 +136,12 @@ def _print_run_summary(cfg, summary: dict) -> None:
     info = out / "run_info.json"
     meta = json.loads(info.read_text()) if info.is_file() else {}
     if meta.get("run_id"):
-        print(f"MLflow run {meta['run_id']} at {meta['tracking_uri']}")
-        print(f"view it: mlflow ui --host 127.0.0.1 --backend-store-uri {meta['tracking_uri']}")
+        uri = meta["tracking_uri"]
+        print(f"MLflow run {meta['run_id']} at {uri}")
+        if uri.startswith(("http://", "https://")):  # a tracking server already serves the UI
+            print(f"view it: open {uri} in a browser")
+        else:  # one worker starts in seconds; the default four each import mlflow
+            print(f"view it: mlflow ui --host 127.0.0.1 --workers 1 --backend-store-uri {uri}")
 
 
 if __name__ == "__main__":

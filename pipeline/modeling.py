@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import json
 from pathlib import Path
 
 import torch
@@ -14,6 +16,7 @@ from transformers import (
     GPT2Config,
     LlamaConfig,
     MistralConfig,
+    PretrainedConfig,
     PreTrainedModel,
     Qwen2Config,
 )
@@ -27,6 +30,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch
 AUTO_CLASSES = {"causal_lm": AutoModelForCausalLM, "masked_lm": AutoModelForMaskedLM,
                 "sequence_classification": AutoModelForSequenceClassification}
 PRETRAINING_HEADS = ("ForMaskedLM", "ForCausalLM", "ForPreTraining", "LMHeadModel")
+SAFETENSORS_MAX_HEADER = 100_000_000  # the largest header the safetensors library itself accepts
 
 
 def check_model_folder(path: str) -> None:
@@ -38,6 +42,73 @@ def check_model_folder(path: str) -> None:
         raise FileNotFoundError(f"model folder {folder} has no config.json: save the model with save_pretrained")
     if not any(folder.glob("*.safetensors")):
         raise FileNotFoundError(f"model folder {folder} has no *.safetensors weights (only safetensors are loaded)")
+    _check_architectures(folder / "config.json", _read_config_json(folder / "config.json"))
+    for file in sorted(folder.glob("*.safetensors")):
+        _check_safetensors_header(file)
+
+
+def _read_config_json(path: Path) -> dict:
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"'{path}' is not a valid JSON file ({exc}); re-save it with save_pretrained") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"'{path}' is not a valid JSON file (not an object); re-save it with save_pretrained")
+    return config
+
+
+@functools.cache
+def _model_types_by_class() -> dict[str, set[str]]:
+    """Model class name → the `model_type`s transformers builds it for (from its auto-class tables)."""
+    from transformers.models.auto import modeling_auto
+
+    types: dict[str, set[str]] = {}
+    for name in dir(modeling_auto):
+        table = getattr(modeling_auto, name)
+        if name.endswith("_MAPPING_NAMES") and isinstance(table, dict):
+            for model_type, classes in table.items():
+                for cls in classes if isinstance(classes, (tuple, list)) else (classes,):
+                    types.setdefault(cls, set()).add(model_type)
+    return types
+
+
+def _check_architectures(path: Path, config: dict) -> None:
+    """A Qwen2 class under a Llama `model_type` loads the wrong model and then blames the weights: name the conflict."""
+    model_type, archs = config.get("model_type"), config.get("architectures") or []
+    known = _model_types_by_class()
+    if model_type and any(arch in known and model_type not in known[arch] for arch in archs):
+        raise ValueError(f"{path} says model_type {model_type} but architectures {archs}: fix one of them")
+
+
+def _check_safetensors_header(file: Path) -> None:
+    """The 8-byte header length, the JSON header and the data size it declares, read without loading tensors."""
+    size = file.stat().st_size
+    with file.open("rb") as fh:
+        length = int.from_bytes(fh.read(8), "little") if size >= 8 else -1
+        raw = fh.read(length) if 0 < length <= min(size - 8, SAFETENSORS_MAX_HEADER) else b""
+    try:
+        header = json.loads(raw) if raw else None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        header = None
+    tensors = [v for k, v in header.items() if k != "__metadata__"] if isinstance(header, dict) else [None]
+    ends = [v["data_offsets"][1] for v in tensors if isinstance(v, dict) and len(v.get("data_offsets") or ()) == 2]
+    if len(ends) != len(tensors) or 8 + length + max(ends, default=0) != size:
+        raise ValueError(f"{file} is truncated or not a safetensors file: re-save the model")
+
+
+def check_seq_len(config_or_folder: str | Path | dict | PretrainedConfig, seq_len: int, key: str) -> None:
+    """Refuse a sequence length past the model's position limit: GPT-2 would crash mid-scoring with an
+    IndexError and RoPE models would run silently outside the lengths they were trained on."""
+    folder = isinstance(config_or_folder, (str, Path))
+    if folder:
+        config = _read_config_json(Path(config_or_folder) / "config.json")
+    else:
+        config = config_or_folder if isinstance(config_or_folder, dict) else config_or_folder.to_dict()
+    name = next((k for k in ("n_positions", "max_position_embeddings") if isinstance(config.get(k), int)), None)
+    if name is not None and seq_len > config[name]:
+        where, fix = (f" in {Path(config_or_folder) / 'config.json'}", "") if folder else ("", f" or raise {name}")
+        raise ValueError(f"{key}={seq_len} is above the model's position limit ({name}={config[name]}{where}); "
+                         f"lower {key} to at most {config[name]}{fix}")
 
 
 def build_model(cfg: ModelConfig, vocab_size: int, pad_token_id: int | None, seed: int, *,

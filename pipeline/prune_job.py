@@ -7,6 +7,7 @@ the scores all-reduced, so the outputs equal those of one process.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from datetime import timedelta
 from pathlib import Path
@@ -20,7 +21,8 @@ from earlycrop.criteria import CRITERIA
 
 from . import data as data_lib
 from .distributed import check_same_on_all_ranks, score_sharded, world
-from .modeling import check_model_folder, load_model_tokenizer
+from .modeling import check_model_folder, check_seq_len, load_model_tokenizer
+from .outputs import check_prune_out, disk_errors, staged_folder
 from .run import check_selection
 
 
@@ -33,14 +35,19 @@ def _init_distributed() -> None:
 
 
 def _validate(args: argparse.Namespace) -> earlycrop.SelectionConfig:
+    """Every argument, before the model or data is loaded: a mistake costs seconds, not a scoring pass."""
     if args.criterion not in CRITERIA:
         raise ValueError(f"unknown criterion {args.criterion!r}; choose one of: {', '.join(sorted(CRITERIA))}")
-    for key in ("batches", "batch_size", "seq_len"):
+    for key in ("batches", "batch_size", "seq_len", "round_to"):
         if getattr(args, key) < 1:
             raise ValueError(f"--{key.replace('_', '-')} must be at least 1")
+    if not 0 < args.fd_step < math.inf:
+        raise ValueError(f"--fd-step must be a positive number (got {args.fd_step})")
     check_model_folder(args.model)
+    check_prune_out(Path(args.out), Path(args.model), args.overwrite)
     if not args.data.startswith("gensim:") and not Path(args.data).exists():
         raise FileNotFoundError(f"--data {args.data} does not exist")
+    check_seq_len(args.model, args.seq_len, "--seq-len")
     return earlycrop.SelectionConfig(args.heads, args.mlp, args.layout, args.round_to, args.gqa)
 
 
@@ -82,15 +89,23 @@ def prune_model(args: argparse.Namespace) -> None:
         result = earlycrop.prune(model.to(saved_dtype), plan)
         if rank == 0:
             out = Path(args.out)
-            earlycrop.save_pretrained(model, out, tokenizer)
-            plan.save(out / "plan.json")
-            save_file(scores.to_tensors(), out / "scores.safetensors")
+            _save(out, model, tokenizer, plan, scores)
             print(summary(plan, result, out))
         if dist.is_initialized():
             dist.barrier()  # only on success: a rank that failed must not leave the others waiting here
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _save(out: Path, model, tokenizer, plan: earlycrop.Plan, scores) -> None:
+    """All outputs into a staging folder that replaces `out` only once every file is written."""
+    tensors = scores.to_tensors()
+    needed = sum(t.numel() * t.element_size() for t in (*model.parameters(), *tensors.values()))
+    with disk_errors(out, needed), staged_folder(out) as staging:
+        earlycrop.save_pretrained(model, staging, tokenizer)
+        plan.save(staging / "plan.json")
+        save_file(tensors, staging / "scores.safetensors")
 
 
 def summary(plan: earlycrop.Plan, result: earlycrop.PruneResult, out: Path) -> str:
