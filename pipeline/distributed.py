@@ -10,6 +10,7 @@ the same plan.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from contextlib import contextmanager
 from datetime import timedelta
@@ -178,3 +179,32 @@ def check_same_on_all_ranks(text: str, what: str) -> None:
     dist.all_gather(gathered, digest)
     if any(not torch.equal(g, gathered[0]) for g in gathered):
         raise RuntimeError(f"ranks disagree on the {what}: check that every rank sees the same model and data")
+
+
+def describe_launch(accelerator: Accelerator, dtype: torch.dtype) -> str:
+    """One line on how this run executes: ranks, device, engine, precision."""
+    stage = zero_stage(accelerator)
+    if stage is not None:
+        engine = f"DeepSpeed ZeRO-{stage}"
+    elif accelerator.num_processes > 1:
+        engine = "DDP"
+    else:
+        engine = "a single process (no data parallelism)"
+    ranks = f"{accelerator.num_processes} rank{'s' if accelerator.num_processes > 1 else ''}"
+    return (f"{ranks} on {accelerator.device.type}, {engine}, weights {str(dtype).removeprefix('torch.')}, "
+            f"mixed precision {accelerator.mixed_precision}")
+
+
+class TiedWeightsNote(logging.Filter):
+    """Accelerate warns at every save that it removed a tensor shared with another one; for a model whose
+    config ties its input and output embeddings that is expected, so the warning is dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Removed shared tensor" not in record.getMessage()
+
+
+def quiet_expected_tied_weights(model: nn.Module) -> None:
+    if getattr(model.config, "tie_word_embeddings", False):
+        target = logging.getLogger("accelerate.utils.other")
+        if not any(isinstance(f, TiedWeightsNote) for f in target.filters):
+            target.addFilter(TiedWeightsNote())

@@ -22,7 +22,7 @@ import earlycrop
 from earlycrop.distill import Teacher
 
 from .config import RunConfig
-from .distributed import make_accelerator, whole_parameters, zero_stage
+from .distributed import describe_launch, make_accelerator, quiet_expected_tied_weights, whole_parameters, zero_stage
 from .finetune import make_distiller, recover, recovery_blocks, teacher_dtype, warm_up_new_head
 from .modeling import build_model
 from .plots import plot_loss_curves
@@ -98,6 +98,8 @@ class Job:
                                      bos_token_id=tok.bos_token_id)
         check_tokenizer(self.model, tok)
         check_labels(self.model, self.prepared)
+        quiet_expected_tied_weights(self.model)
+        self.accelerator.print(f"earlycrop run: {describe_launch(self.accelerator, next(self.model.parameters()).dtype)}")
         self.dense_params = sum(p.numel() for p in self.model.parameters())
         self.sparsity = self.dry_run()
         self.tracker = self.open_tracker()

@@ -12,6 +12,7 @@ import math
 import os
 import shutil
 import signal
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -217,6 +218,7 @@ def train(loop: Loop, state: TrainerState) -> TrainerState:
     stop = StopSignal()
     tokens_per_step = cfg.micro_batch_size * cfg.gradient_accumulation_steps * acc.num_processes
     window = Window()
+    progress = Progress(acc.is_main_process, state.step, cfg.max_steps)
     try:
         while state.step < cfg.max_steps:
             if loop.pruner is not None and state.pruned_at is None:
@@ -253,7 +255,9 @@ def train(loop: Loop, state: TrainerState) -> TrainerState:
                            "lr": optimizer.param_groups[0]["lr"], "tokens": float(state.tokens)}
                 state.history.append({"step": state.step, **metrics})
                 loop.log(metrics, state.step)
+                progress.show(state.step, metrics)
                 window.restart()
+            progress.update(state.step)
             if state.step % cfg.eval_every == 0 and state.step < cfg.max_steps:
                 metrics = evaluate(acc, model, loop.val_blocks, cfg.micro_batch_size, cfg.eval_batches)
                 state.history.append({"step": state.step, **metrics})
@@ -268,8 +272,41 @@ def train(loop: Loop, state: TrainerState) -> TrainerState:
                 break
     finally:
         stop.restore()
+        progress.close()
     loop.model, loop.optimizer = model, optimizer
     return state
+
+
+class Progress:
+    """Rank 0's view of training: a tqdm bar (step, loss, tokens/s, ETA) on a terminal, and a plain log
+    line per `log_every` when output goes to a file or a cluster log, as the field's trainers do."""
+
+    def __init__(self, enabled: bool, start: int, total: int):
+        self.enabled, self.total, self.begin, self.first = enabled, total, time.perf_counter(), start
+        self.bar = None
+        if enabled and sys.stderr.isatty():
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True)
+
+    def update(self, step: int) -> None:
+        if self.bar is not None:
+            self.bar.update(step - self.bar.n)
+
+    def show(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{metrics['train_loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:,.0f}", refresh=False)
+            return
+        done = step - self.first
+        eta = (time.perf_counter() - self.begin) / done * (self.total - step) if done else 0.0
+        print(f"step {step}/{self.total}  loss {metrics['train_loss']:.4f}  tokens/s {metrics['tokens_per_s']:,.0f}  "
+              f"eta {int(eta) // 60}m{int(eta) % 60:02d}s", flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 class Window:
