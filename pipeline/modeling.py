@@ -12,20 +12,16 @@ from transformers import (
     AutoModelForMaskedLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
-    BertConfig,
-    GPT2Config,
-    LlamaConfig,
-    MistralConfig,
     PretrainedConfig,
     PreTrainedModel,
-    Qwen2Config,
 )
 
 import earlycrop
 
 from .config import ModelConfig
 
-CONFIG_TYPES = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig, "gpt2": GPT2Config, "bert": BertConfig}
+# family name → the config class it is built from scratch with, read live from the adapter registry
+CONFIG_TYPES = earlycrop.families.CONFIG_CLASSES
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 AUTO_CLASSES = {"causal_lm": AutoModelForCausalLM, "masked_lm": AutoModelForMaskedLM,
                 "sequence_classification": AutoModelForSequenceClassification}

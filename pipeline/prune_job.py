@@ -23,7 +23,7 @@ from . import data as data_lib
 from .distributed import check_same_on_all_ranks, score_sharded, world
 from .modeling import check_model_folder, check_seq_len, load_model_tokenizer
 from .outputs import check_prune_out, disk_errors, staged_folder
-from .run import check_selection
+from .scoring import placeholder_plan
 
 
 def _init_distributed() -> None:
@@ -80,9 +80,9 @@ def prune_model(args: argparse.Namespace) -> None:
         if len(tokenizer) > vocab:
             raise ValueError(f"the tokenizer in {args.model} has {len(tokenizer)} tokens but the model's embedding has {vocab} rows: "
                              "save the model's own tokenizer into the model folder")
-        check_selection(model, selection)
+        placeholder_plan(model, selection)  # impossible ratios fail before scoring
         batches = _calibration(args, model, tokenizer)
-        criterion = earlycrop.make_criterion(args.criterion, hvp=args.hvp, fd_step=args.fd_step, seed=args.seed)
+        criterion = earlycrop.make_criterion(args.criterion, **earlycrop.criterion_options(args.criterion, hvp=args.hvp, fd_step=args.fd_step, seed=args.seed))
         scores = score_sharded(model, criterion, batches, progress=rank == 0)
         plan = earlycrop.make_plan(model, scores, selection, meta={"criterion": args.criterion, "batches": args.batches})
         check_same_on_all_ranks(plan.to_json(), "pruning plan")
