@@ -249,6 +249,10 @@ class RunConfig(_Strict):
                 f"prune.prune_at={self.prune.prune_at} is not before train.max_steps={self.train.max_steps}: "
                 "lower prune.prune_at (0 prunes before training) or raise train.max_steps"
             )
+        if self.model.family is not None:  # a model folder's limit is in its config.json, checked when it is loaded
+            from .modeling import check_seq_len  # modeling imports this module
+
+            check_seq_len(FAMILIES[self.model.family].config_class(**self.model.init), self.data.seq_len, "data.seq_len")
         return self
 
 
@@ -287,6 +291,9 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         if "=" not in item:
             raise ValueError(f"override {item!r} is not key=value (e.g. output_dir=/tmp/run or train.lr=1e-3)")
         key, raw = item.split("=", 1)
+        if not all(key.strip().split(".")):
+            raise ValueError(f"override {item!r} has no key: write key=value, e.g. train.lr=1e-3" if not key.strip() else
+                             f"override {item!r}: {key.strip()!r} has an empty part between dots")
         node = data
         *parents, leaf = key.strip().split(".")
         for part in parents:
@@ -304,6 +311,8 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
     """Read a YAML config, apply overrides, validate; raise ValueError naming each bad key."""
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"config file {path} is a directory: pass a YAML file such as configs/quickstart.yaml")
     if not path.is_file():
         raise FileNotFoundError(f"config file {path} does not exist")
     try:

@@ -31,9 +31,11 @@ import codecs
 import copyreg
 import functools
 import io
+import json
 import os
 import pickle
 import re
+import sys
 import zlib
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -173,9 +175,33 @@ def _load_local(path: Path, *, cache_dir: str | None) -> Dataset:
             builder, data_files=[str(f) for f in files], split="train", cache_dir=cache_dir, **kwargs
         )
     except Exception as exc:  # datasets wraps parse errors in its own types; name the file instead.
+        if builder == "json":
+            for f in files:
+                _check_json_records(f)
         raise ValueError(f"could not read {str(path)!r} as {builder}: {exc}") from exc
     assert isinstance(ds, Dataset)
     return ds
+
+
+def _check_json_records(path: Path) -> None:
+    """Name the file and line of the first malformed record: `datasets` only says that "an error occurred"."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    try:
+        json.loads(next((line for line in lines if line.strip()), ""))
+    except json.JSONDecodeError:  # not JSON Lines: one JSON document (an array of records) over many lines
+        try:
+            json.loads("\n".join(lines))
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{str(path)!r} line {exc.lineno} is not valid JSON ({exc.msg}); fix the syntax there") from None
+        return
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line) if line.strip() else {}
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{str(path)!r} line {number} is not valid JSON ({exc.msg}); fix or remove that line") from None
+        if not isinstance(record, dict):
+            raise ValueError(f"{str(path)!r} line {number} is a JSON {type(record).__name__}, not an object with fields; "
+                             "fix or remove that line")
 
 
 def _check_utf8(path: Path) -> None:
@@ -221,7 +247,8 @@ def _select_fields(ds: Dataset, source: str, *, text_field: str, label_field: st
             "set text_field/label_field to one of those"
         )
     text_type = ds.features[text_field]
-    if getattr(text_type, "dtype", None) not in ("string", "large_string"):
+    mixed = isinstance(text_type, datasets.Json)  # text in some rows, numbers or lists in others
+    if not mixed and getattr(text_type, "dtype", None) not in ("string", "large_string", "null"):  # null: no row has text
         raise ValueError(f"field {text_field!r} in {source!r} is {text_type}, not text; choose a string field")
     keep = [text_field] + ([label_field] if label_field is not None else [])
     ds = ds.select_columns(keep)
@@ -229,9 +256,17 @@ def _select_fields(ds: Dataset, source: str, *, text_field: str, label_field: st
         ds = ds.rename_column(text_field, "text")
     if label_field is not None and label_field != "label":
         ds = ds.rename_column(label_field, "label")
-    ds = ds.filter(lambda t: t is not None and t.strip() != "", input_columns="text")
+    rows = len(ds)
+    ds = ds.filter(lambda t: isinstance(t, str) and t.strip() != "", input_columns="text")
     if len(ds) == 0:
-        raise ValueError(f"{source!r} holds no non-empty documents in field {text_field!r}; add text")
+        raise ValueError(f"{source!r} holds no non-empty documents in field {text_field!r} (none of its {rows} rows "
+                         "has text); add text")
+    if len(ds) < rows:  # null, missing, blank or not a string: say so instead of training on less without a word
+        print(f"dropped {rows - len(ds)} of {rows} rows without text in {source}", file=sys.stderr)
+    if mixed:
+        features = ds.features.copy()
+        features["text"] = datasets.Value("string")
+        ds = ds.map(lambda t: {"text": t}, input_columns="text", features=features)
     if label_field is not None:
         ds = _encode_labels(ds, source, label_field)
     return ds

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM
 
 import earlycrop
 from launch.cli import main
@@ -38,11 +38,11 @@ HEAVY = ("scores.safetensors", "plan.json", "checkpoints", "model", "summary.jso
 
 
 def _llama(vocab: int, layers: int = 2, pad: int | None = None) -> LlamaForCausalLM:
-    """The ci_tiny shape: 4 heads in 2 KV groups, 64 MLP neurons per layer."""
+    """The ci_tiny shape: 4 heads in 2 KV groups, 64 MLP neurons per layer; positions up to prune's default --seq-len."""
     torch.manual_seed(0)
     return LlamaForCausalLM(LlamaConfig(
         vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True, pad_token_id=pad,
+        num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True, pad_token_id=pad,
     ))
 
 
@@ -79,18 +79,39 @@ def fx(tmp_path_factory) -> Path:
                                              num_attention_heads=4, max_position_embeddings=64))
     earlycrop.save_pretrained(neox, root / "neox", tok)
     (root / "empty_dir").mkdir()
+    _broken_weights(copy)
+    mislabelled = copy("qwen_arch")  # a Qwen2 class under a Llama model_type
+    (mislabelled / "config.json").write_text(json.dumps({**config, "architectures": ["Qwen2ForCausalLM"]}))
+    torch.manual_seed(0)
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=320, n_embd=32, n_layer=2, n_head=4, n_inner=64, n_positions=64))
+    earlycrop.save_pretrained(gpt2, root / "gpt2_64", tok)
+    (root / "good_link").symlink_to(good, target_is_directory=True)
+    (root / "notes").mkdir()
+    (root / "notes" / "todo.txt").write_text("the user's own file\n")
 
     (root / "empty.txt").write_text("")
     (root / "latin1.txt").write_bytes("caf\xe9 na\xefve r\xe9sum\xe9. ".encode("latin-1") * 50)
     (root / "four_docs.txt").write_text("one short line\n\nanother short one\n\nthird\n\nfourth doc\n")
     (root / "tiny_docs.txt").write_text("\n\n".join(f"document number {i}." for i in range(40)))
     (root / "data.csv").write_text("text\nhello world\n")
+    (root / "no_text.jsonl").write_text('{"text": null}\n{"body": "x"}\n{"text": "   "}\n')
+    (root / "malformed.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in lee[:5]) + '{"text": "cut off\n')
     (root / "nolabel.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in lee[:60]))
     (root / "three_labels.jsonl").write_text("\n".join(json.dumps({"text": t, "label": i % 3}) for i, t in enumerate(lee[:120])))
     (root / "bad.yaml").write_text("model: {family: llama\n  data: [")
     (root / "list.yaml").write_text("- a\n- b\n")
     (root / "typo_in_file.yaml").write_text(Path(CONFIG).read_text().replace("  heads: 0.5", "  heds: 0.5"))
     return root
+
+
+def _broken_weights(copy) -> None:
+    """model.safetensors cut in half, emptied, and with a header length past the end of the file."""
+    cut = copy("truncated") / "model.safetensors"
+    data = cut.read_bytes()
+    cut.write_bytes(data[: len(data) // 2])
+    (copy("zero_bytes") / "model.safetensors").write_bytes(b"")
+    header = copy("bad_header") / "model.safetensors"
+    header.write_bytes((10**9).to_bytes(8, "little") + data[8:])
 
 
 @pytest.fixture(autouse=True)
@@ -190,7 +211,8 @@ CASES = [
     Case("non_utf8_file", run("data.source={fx}/latin1.txt"), r"latin1\.txt' is not UTF-8 .*re-encode it as UTF-8"),
     Case("too_few_documents_to_split", run("data.source={fx}/four_docs.txt"),
          r"splitting 4 documents with validation_fraction=0\.1 leaves the validation side empty; add documents"),
-    Case("too_short_for_one_block", run("data.source={fx}/tiny_docs.txt", "data.seq_len=128"),
+    Case("too_short_for_one_block", run("data.source={fx}/tiny_docs.txt", "data.seq_len=128",
+                                                 "model.init.max_position_embeddings=128"),
          r"dataset \(\d+ documents, \d+ tokens\) is too short for one block of seq_len=128; add text or lower seq_len"),
     Case("unsupported_extension", run("data.source={fx}/data.csv"), r"unsupported data file .*data\.csv' \(extension '\.csv'\); use one of"),
     Case("data_path_missing", run("data.source={fx}/nothere.txt"), r"nothere\.txt' does not exist; pass an existing file or folder"),
@@ -210,7 +232,8 @@ CASES = [
     Case("tokenizer_vocab_below_bytes", run("data.vocab_size=256"), r"vocab_size=256 is below 258 .*raise it"),
     Case("micro_batch_larger_than_training_set", run("train.micro_batch_size=100000"),
          r"\d+ training blocks are fewer than one batch on every rank \(100000 × 1\): use more text, a smaller train\.micro_batch_size"),
-    Case("validation_smaller_than_one_batch", run("data.validation_fraction=0.01", "data.seq_len=256", "train.micro_batch_size=16"),
+    Case("validation_smaller_than_one_batch", run("data.validation_fraction=0.01", "data.seq_len=256", "train.micro_batch_size=16",
+                                                           "model.init.max_position_embeddings=256"),
          r"\d+ validation blocks are fewer than one batch on every rank .*or a larger data\.validation_fraction"),
     # -- `earlycrop prune`
     Case("prune_ratio_ge_1", prune("--heads", "1.5"), r"argument --heads: 1\.5 is not a fraction in \[0, 1\)", "config"),
@@ -225,6 +248,46 @@ CASES = [
     Case("prune_without_tokenizer", prune(model="notok"), r"notok has no tokenizer files: save the tokenizer into the model folder"),
     Case("prune_ratio_inconsistent_with_gqa", prune("--heads", "0.25"), r"heads=0\.25 removes nothing"),
     Case("prune_data_too_short", prune("--heads", "0.5", data="{fx}/four_docs.txt"), r"too short for one block of seq_len=128"),
+    # -- issue 12: never lose what a user had; every --out mistake is found before the model is loaded
+    Case("prune_out_is_the_model", ["prune", "--model", "{fx}/good", "--data", "gensim:lee", "--out", "{fx}/good"],
+         r"--out .*good is the --model folder .*would overwrite the input model; choose another --out", "config"),
+    Case("prune_out_links_to_the_model", ["prune", "--model", "{fx}/good", "--data", "gensim:lee", "--out", "{fx}/good_link"],
+         r"--out .*good_link is the --model folder", "config"),
+    Case("prune_out_inside_the_model", ["prune", "--model", "{fx}/good", "--data", "gensim:lee", "--out", "{fx}/good/pruned"],
+         r"--out .*good/pruned is inside --model .*choose another --out", "config"),
+    Case("prune_out_contains_the_model", ["prune", "--model", "{fx}/good", "--data", "gensim:lee", "--out", "{fx}"],
+         r"--out .* contains --model .*choose another --out", "config"),
+    Case("prune_out_is_a_file", ["prune", "--model", "{fx}/good", "--data", "gensim:lee", "--out", "{fx}/empty.txt"],
+         r"--out .*empty\.txt is an existing file; point --out at a folder", "config"),
+    Case("prune_out_not_empty", ["prune", "--model", "{fx}/good", "--data", "gensim:lee", "--out", "{fx}/bin"],
+         r"--out .*bin is not empty: pass --overwrite to replace it, or choose another folder", "config"),
+    Case("prune_overwrite_a_folder_without_a_model",
+         ["prune", "--model", "{fx}/good", "--data", "gensim:lee", "--out", "{fx}/notes", "--overwrite"],
+         r"--out .*notes holds no model .*--overwrite replaces only a model folder", "config"),
+    Case("prune_negative_fd_step", prune("--fd-step", "-1"), r"--fd-step must be a positive number \(got -1\.0\)", "config"),
+    Case("prune_round_to_zero", prune("--round-to", "0"), r"--round-to must be at least 1", "config"),
+    Case("prune_seq_len_past_positions", prune("--seq-len", "256"),
+         r"--seq-len=256 is above the model's position limit \(max_position_embeddings=128 in .*good/config\.json\); "
+         r"lower --seq-len to at most 128", "config"),
+    Case("prune_gpt2_seq_len_past_positions", prune("--heads", "0.5", model="gpt2_64"),
+         r"--seq-len=128 is above the model's position limit \(n_positions=64 in .*gpt2_64/config\.json\)", "config"),
+    Case("prune_truncated_weights", prune(model="truncated"),
+         r"truncated/model\.safetensors is truncated or not a safetensors file: re-save the model", "config"),
+    Case("prune_zero_byte_weights", prune(model="zero_bytes"), r"zero_bytes/model\.safetensors is truncated or not", "config"),
+    Case("prune_weights_header_past_the_end", prune(model="bad_header"), r"bad_header/model\.safetensors is truncated or not", "config"),
+    Case("prune_architecture_of_another_family", prune(model="qwen_arch"),
+         r"qwen_arch/config\.json says model_type llama but architectures \['Qwen2ForCausalLM'\]: fix one of them", "config"),
+    Case("truncated_weights", from_folder("truncated"), r"truncated/model\.safetensors is truncated or not a safetensors file"),
+    Case("architecture_of_another_family", from_folder("qwen_arch"), r"says model_type llama but architectures \['Qwen2ForCausalLM'\]"),
+    Case("seq_len_past_positions_from_scratch", run("data.seq_len=128"),
+         r"data\.seq_len=128 is above the model's position limit \(max_position_embeddings=64\); lower data\.seq_len to at "
+         r"most 64 or raise max_position_embeddings", "config"),
+    Case("override_without_key", run("=5"), r"override '=5' has no key: write key=value", "config"),
+    Case("config_path_is_a_directory", ["run", "{fx}/empty_dir"], r"config file .*empty_dir is a directory: pass a YAML file", "config"),
+    Case("data_rows_without_text", run("data.source={fx}/no_text.jsonl"),
+         r"no_text\.jsonl' holds no non-empty documents in field 'text' \(none of its 3 rows has text\); add text"),
+    Case("data_malformed_json_line", run("data.source={fx}/malformed.jsonl"),
+         r"malformed\.jsonl' line 6 is not valid JSON \(.*\); fix or remove that line"),
 ]
 
 

@@ -172,6 +172,51 @@ def test_blank_only_documents_error(tmp_path) -> None:
         load_documents(path, cache_dir=str(tmp_path / "cache"))
 
 
+@pytest.mark.parametrize(("bad_row", "what"), [
+    ({"text": None}, "null"),
+    ({"body": "no text field"}, "missing field"),
+    ({"text": 42}, "a number"),
+    ({"text": ["a", "list"]}, "a list"),
+    ({"text": "   "}, "blank"),
+])
+def test_rows_without_text_are_counted_and_reported(tmp_path, capsys, bad_row: dict, what: str) -> None:
+    path = _write_jsonl(tmp_path / "d.jsonl", [{"text": "alpha beta"}, bad_row, {"text": "gamma"}, bad_row])
+    ds = load_documents(path, cache_dir=str(tmp_path / "cache"))
+    assert list(ds["text"]) == ["alpha beta", "gamma"], what
+    assert ds.features["text"] == datasets.Value("string")
+    assert f"dropped 2 of 4 rows without text in {path}" in capsys.readouterr().err.splitlines()
+
+
+def test_rows_without_text_keep_the_labels_of_the_others(tmp_path, capsys) -> None:
+    rows = [{"text": "good film", "label": "pos"}, {"text": 7, "label": "neg"}, {"text": "dull", "label": "neg"}]
+    ds = load_documents(_write_jsonl(tmp_path / "c.jsonl", rows), label_field="label", cache_dir=str(tmp_path / "cache"))
+    assert list(ds["text"]) == ["good film", "dull"]
+    assert [ds.features["label"].names[i] for i in ds["label"]] == ["pos", "neg"]
+    assert "dropped 1 of 3 rows" in capsys.readouterr().err
+
+
+def test_all_rows_without_text_is_an_error(tmp_path) -> None:
+    path = _write_jsonl(tmp_path / "n.jsonl", [{"text": None}, {"other": 1}])
+    with pytest.raises(ValueError, match=r"n\.jsonl' holds no non-empty documents in field 'text' \(none of its 2 rows has text\)"):
+        load_documents(path, cache_dir=str(tmp_path / "cache"))
+
+
+@pytest.mark.parametrize(("name", "body", "message"), [
+    ("cut.jsonl", '{"text": "a"}\n\n{"text": "b"}\n{"text": "c\n', r"cut\.jsonl' line 4 is not valid JSON \(.*\); fix or remove that line"),
+    ("scalar.jsonl", '{"text": "a"}\n17\n', r"scalar\.jsonl' line 2 is a JSON int, not an object with fields"),
+    ("array.json", '[\n  {"text": "a"},\n  {"text" "b"}\n]\n', r"array\.json' line 3 is not valid JSON \(Expecting ':' delimiter\)"),
+])
+def test_malformed_json_names_the_file_and_line(tmp_path, name: str, body: str, message: str) -> None:
+    (tmp_path / name).write_text(body, encoding="utf-8")
+    with pytest.raises(ValueError, match=message):
+        load_documents(str(tmp_path / name), cache_dir=str(tmp_path / "cache"))
+
+
+def test_a_json_array_document_loads(tmp_path) -> None:
+    (tmp_path / "a.json").write_text('[\n  {"text": "one"},\n  {"text": "two"}\n]\n', encoding="utf-8")
+    assert list(load_documents(str(tmp_path / "a.json"), cache_dir=str(tmp_path / "cache"))["text"]) == ["one", "two"]
+
+
 @pytest.mark.parametrize("name", ["latin.txt", "latin.jsonl"])
 def test_non_utf8_file_errors(tmp_path, name: str) -> None:
     path = tmp_path / name
