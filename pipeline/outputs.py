@@ -166,7 +166,10 @@ def check_run_output_dir(out: Path, resume: bool, overwrite: bool) -> None:
     if not overwrite:
         raise ValueError(f"output_dir {out} holds a previous run ({', '.join(found)}): use --resume to continue it "
                          "or --overwrite to replace it")
-    previous = read_identity(out) if (out / IDENTITY_FILE).is_file() else None
+    try:
+        previous = read_identity(out)
+    except ValueError:  # unreadable: keep the tokenizer folder (the new run rewrites its files)
+        previous = None
     if previous and previous.get("model.name_or_path") == "null" and previous.get("data.tokenizer") == "null":
         found.append(TRAINED_TOKENIZER)
     trash.mkdir()

@@ -263,6 +263,13 @@ def test_overwrite_removes_only_what_earlycrop_wrote(tmp_path: Path, from_scratc
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
+def test_overwrite_goes_ahead_over_an_unreadable_identity(tmp_path: Path) -> None:
+    _fill(tmp_path, RUN_FILES + ["tokenizer/tokenizer.json"])
+    (tmp_path / IDENTITY_FILE).write_text("{cut")
+    check_run_output_dir(tmp_path, resume=False, overwrite=True)
+    assert set(_tree(tmp_path)) == {"tokenizer/tokenizer.json"}  # not known to be the run's own: kept
+
+
 def test_run_identity_ignores_only_the_resumable_fields() -> None:
     base = run_identity(load_config(CONFIG))
     assert set(RESUMABLE_FIELDS) <= set(_all_keys(load_config(CONFIG)))  # the list names real fields
