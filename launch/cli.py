@@ -47,33 +47,26 @@ def build_parser() -> argparse.ArgumentParser:
                      help="replace a previous run in output_dir (its checkpoints, model, plan, scores, summary)")
     run.add_argument("--print-commands", action="store_true", help="print the launch command for each config in launch/accelerate and exit")
 
-    prune = sub.add_parser("prune", help="prune a local Hugging Face model folder and save the result", epilog=EPILOG_PRUNE,
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
-    prune.add_argument("--model", required=True, help="local model folder (config.json, *.safetensors, tokenizer)")
-    prune.add_argument("--data", required=True, help="calibration text: .txt / .jsonl / .parquet file or folder, or gensim:wiki / lee / newsgroups / polarity")
-    prune.add_argument("--criterion", default="earlycrop", help="earlycrop, grasp, snip, fisher, magnitude, activation or random")
-    prune.add_argument("--heads", type=_ratio, default=0.0, help="fraction of attention heads REMOVED")
-    prune.add_argument("--mlp", type=_ratio, default=0.0, help="fraction of MLP neurons REMOVED")
-    prune.add_argument("--layout", choices=["uniform", "global"], default="uniform")
-    prune.add_argument("--gqa", choices=["per_group", "group"], default="per_group", help="GQA: equal query heads per group, or whole groups")
-    prune.add_argument("--round-to", type=int, default=1, help="round kept neuron counts to a multiple (e.g. 8)")
-    prune.add_argument("--hvp", choices=["exact", "finite_difference"], default="exact", help="how earlycrop/grasp compute H·g")
-    prune.add_argument("--fd-step", type=float, default=1e-4, help="finite-difference step h (ε = h/‖g‖); check it against exact scores")
-    prune.add_argument("--batches", type=int, default=5, help="calibration batches (sharded over ranks)")
-    prune.add_argument("--batch-size", type=int, default=8)
-    prune.add_argument("--seq-len", type=int, default=128)
-    prune.add_argument("--text-field", default="text")
-    prune.add_argument("--label-field", default=None, help="label column, for sequence-classification models")
-    prune.add_argument("--score-dtype", choices=["float32", "float64"], default="float32",
-                       help="precision of scoring (float64 makes N-rank and 1-rank scores agree to round-off)")
-    prune.add_argument("--seed", type=int, default=0)
-    prune.add_argument("--out", required=True, help="output folder for the pruned model, plan.json and scores.safetensors")
-    prune.add_argument("--overwrite", action="store_true", help="replace the model folder already in --out")
+    _add_prune_parser(sub)
     from .plan_cmd import add_plan_parser
 
     add_plan_parser(sub)
     _add_tracking_parser(sub)
     return parser
+
+
+def _add_prune_parser(sub) -> None:
+    """`earlycrop prune`: its flags are the fields of pipeline.config.PruneCommandConfig."""
+    from pipeline.config import PruneCommandConfig
+
+    from .arguments import HelpFormatter, add_fields
+
+    prune = sub.add_parser("prune", help="prune a local Hugging Face model folder and save the result", epilog=EPILOG_PRUNE,
+                           formatter_class=HelpFormatter)
+    add_fields(prune, PruneCommandConfig, ["model", "data", "criterion", "heads", "mlp", "layout", "gqa", "round_to",
+                                           "hvp", "fd_step", "batches", "batch_size", "seq_len", "text_field",
+                                           "label_field", "score_dtype", "seed", "out", "overwrite"],
+               defaults={"heads": 0.0, "mlp": 0.0}, parsers={"heads": _ratio, "mlp": _ratio})
 
 
 def _add_tracking_parser(sub: argparse._SubParsersAction) -> None:
@@ -117,9 +110,18 @@ def main(argv: list[str] | None = None) -> int:
             runs = replay_backlog(args.backlog, args.tracking_uri, run_id=args.run_id)
             print(f"replayed {args.backlog} into run(s): {', '.join(runs)}")
         else:
+            from pydantic import ValidationError
+
+            from pipeline.config import PruneCommandConfig, validation_message
             from pipeline.prune_job import prune_model
 
-            prune_model(args)
+            from .arguments import fields_of
+
+            try:
+                command = PruneCommandConfig.model_validate(fields_of(args, PruneCommandConfig))
+            except ValidationError as err:
+                raise ValueError(validation_message(err, flags=True)) from None
+            prune_model(command)
     except (ValueError, OSError, FloatingPointError, RuntimeError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         print(f"earlycrop: error: {first}", file=sys.stderr)

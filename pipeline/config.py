@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+import earlycrop
 from earlycrop.criteria import CRITERIA
 from earlycrop.families import FAMILIES
 
@@ -95,20 +96,42 @@ class DataConfig(_Strict):
     mlm_probability: float = Field(0.15, gt=0.0, lt=1.0)
 
 
-class PruneConfig(_Strict):
-    """What to score, how much to remove and when (`prune_at`: a step, 0 = before training, `auto`, or `never`)."""
+class ScoringSettings(_Strict):
+    """How units are scored; declared once for a run's `prune:` section and the `earlycrop prune` command."""
 
     # auto: earlycrop, except for a pretrained model that gets a NEW task head, where global-ranked magnitude
     # kept the most of the pretrained model in benchmarks/encoder_quality.py (benchmarks/RESULTS.md)
-    criterion: str = "auto"
-    hvp: Literal["exact", "finite_difference"] = "exact"
-    fd_step: float = Field(1e-4, gt=0.0)
-    heads: float = Field(0.5, ge=0.0, lt=1.0)
-    mlp: float = Field(0.5, ge=0.0, lt=1.0)
-    layout: Literal["uniform", "global"] = "uniform"
-    round_to: int = Field(1, ge=1)
-    gqa: Literal["per_group", "group"] = "per_group"
-    target_params: int | None = Field(None, gt=0)
+    criterion: str = Field("auto", description="auto, or a registered criterion (earlycrop, grasp, snip, fisher, "
+                                               "magnitude, activation, random)")
+    hvp: Literal["exact", "finite_difference"] = Field("exact", description="how earlycrop/grasp compute H·g")
+    fd_step: float = Field(1e-4, gt=0.0, description="finite-difference step h (ε = h/‖g‖); check it against exact scores")
+
+    @field_validator("criterion")
+    @classmethod
+    def _known_criterion(cls, value: str) -> str:
+        if value not in CRITERIA and value != "auto":
+            raise ValueError(f"unknown criterion {value!r}; choose one of: {', '.join(sorted(CRITERIA))}, or auto")
+        return value
+
+
+class SelectionSettings(_Strict):
+    """How much to remove and how to spread it (earlycrop.SelectionConfig); declared once for a run's
+    `prune:` section and the `prune` and `plan` commands."""
+
+    heads: float = Field(0.5, ge=0.0, lt=1.0, description="fraction of attention heads REMOVED")
+    mlp: float = Field(0.5, ge=0.0, lt=1.0, description="fraction of MLP neurons REMOVED")
+    layout: Literal["uniform", "global"] = Field("uniform", description="the same count in every layer, or one ranking across layers")
+    round_to: int = Field(1, ge=1, description="round kept neuron counts to a multiple (e.g. 8)")
+    gqa: Literal["per_group", "group"] = Field("per_group", description="GQA: equal query heads per group, or whole groups")
+    target_params: int | None = Field(None, gt=0, description="instead of the ratios: the smallest equal ratio within this many parameters")
+
+    def selection(self) -> earlycrop.SelectionConfig:
+        return earlycrop.SelectionConfig(self.heads, self.mlp, self.layout, self.round_to, self.gqa, self.target_params)
+
+
+class PruneConfig(ScoringSettings, SelectionSettings):
+    """What to score, how much to remove and when (`prune_at`: a step, 0 = before training, `auto`, or `never`)."""
+
     prune_at: int | Literal["auto", "never"] = 0
     auto_interval: int = Field(10, ge=1)
     auto_cap: int = Field(200, ge=1)
@@ -120,13 +143,6 @@ class PruneConfig(_Strict):
     # gradients through a NEW random task head say little about the pretrained features. auto: pretraining
     # when model.name_or_path gets a new task head and was saved with a pre-training head, task otherwise.
     objective: Literal["auto", "task", "pretraining"] = "auto"
-
-    @field_validator("criterion")
-    @classmethod
-    def _known_criterion(cls, value: str) -> str:
-        if value not in CRITERIA and value != "auto":
-            raise ValueError(f"unknown criterion {value!r}; choose one of: auto, {', '.join(sorted(CRITERIA))}")
-        return value
 
     @field_validator("prune_at")
     @classmethod
@@ -329,3 +345,38 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
         return RunConfig.model_validate(data)
     except ValidationError as err:
         raise ValueError(_format_error(err, str(path))) from None
+
+
+class PruneCommandConfig(ScoringSettings, SelectionSettings):
+    """`earlycrop prune`: score a local model folder on calibration text and save the pruned model, its
+    plan and its scores. Built from the command's arguments (launch/cli.py generates them from these fields)."""
+
+    model: str = Field(description="local model folder (config.json, *.safetensors, tokenizer)")
+    data: str = Field(description="calibration text: .txt / .jsonl / .parquet file or folder, or gensim:wiki / lee / newsgroups / polarity")
+    out: str = Field(description="output folder for the pruned model, plan.json and scores.safetensors")
+    overwrite: bool = Field(False, description="replace the model folder already in --out")
+    batches: int = Field(5, ge=1, description="calibration batches (sharded over ranks)")
+    batch_size: int = Field(8, ge=1, description="sequences per calibration batch")
+    seq_len: int = Field(128, ge=1, description="tokens per calibration sequence")
+    text_field: str = Field("text", description="text column of .jsonl / .parquet data")
+    label_field: str | None = Field(None, description="label column, for sequence-classification models")
+    score_dtype: Literal["float32", "float64"] = Field(
+        "float32", description="precision of scoring (float64 makes N-rank and 1-rank scores agree to round-off)")
+    seed: int = Field(0, description="seed of the calibration draw (and of random)")
+
+
+def validation_message(err: ValidationError, flags: bool = False) -> str:
+    """One line for a ValidationError; with `flags`, keys read as command-line flags (`--batch-size`)."""
+    parts = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"])
+        name = f"--{key.replace('_', '-')}" if flags else key
+        ctx = e.get("ctx") or {}
+        if e["type"] == "greater_than_equal":
+            parts.append(f"{name} must be at least {ctx['ge']}")
+        elif e["type"] == "greater_than" and ctx.get("gt") == 0:
+            parts.append(f"{name} must be a positive number (got {e['input']!r})")
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            parts.append(msg if key in msg or e["type"] == "value_error" else f"{name}: {msg}")
+    return "; ".join(parts)

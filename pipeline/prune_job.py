@@ -6,10 +6,6 @@ the scores all-reduced, so the outputs equal those of one process.
 
 from __future__ import annotations
 
-import argparse
-import math
-import os
-from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -17,78 +13,73 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 
 import earlycrop
-from earlycrop.criteria import CRITERIA
 
 from . import data as data_lib
-from .distributed import check_same_on_all_ranks, score_sharded, world
+from . import scoring
+from .config import PruneCommandConfig
+from .distributed import check_same_on_all_ranks, init_process_group, world
 from .modeling import check_model_folder, check_seq_len, load_model_tokenizer
 from .outputs import check_prune_out, disk_errors, staged_folder
-from .scoring import placeholder_plan
 
 
-def _init_distributed() -> None:
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend=backend, timeout=timedelta(minutes=30))
-        if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+def check_paths(cmd: PruneCommandConfig) -> None:
+    """Every path, before the model or data is loaded (the values were checked by the typed config):
+    a mistake costs seconds, not a scoring pass."""
+    check_model_folder(cmd.model)
+    check_prune_out(Path(cmd.out), Path(cmd.model), cmd.overwrite)
+    if not cmd.data.startswith("gensim:") and not Path(cmd.data).exists():
+        raise FileNotFoundError(f"--data {cmd.data} does not exist")
+    check_seq_len(cmd.model, cmd.seq_len, "--seq-len")
 
 
-def _validate(args: argparse.Namespace) -> earlycrop.SelectionConfig:
-    """Every argument, before the model or data is loaded: a mistake costs seconds, not a scoring pass."""
-    if args.criterion not in CRITERIA:
-        raise ValueError(f"unknown criterion {args.criterion!r}; choose one of: {', '.join(sorted(CRITERIA))}")
-    for key in ("batches", "batch_size", "seq_len", "round_to"):
-        if getattr(args, key) < 1:
-            raise ValueError(f"--{key.replace('_', '-')} must be at least 1")
-    if not 0 < args.fd_step < math.inf:
-        raise ValueError(f"--fd-step must be a positive number (got {args.fd_step})")
-    check_model_folder(args.model)
-    check_prune_out(Path(args.out), Path(args.model), args.overwrite)
-    if not args.data.startswith("gensim:") and not Path(args.data).exists():
-        raise FileNotFoundError(f"--data {args.data} does not exist")
-    check_seq_len(args.model, args.seq_len, "--seq-len")
-    return earlycrop.SelectionConfig(args.heads, args.mlp, args.layout, args.round_to, args.gqa)
-
-
-def _calibration(args, model, tokenizer) -> list[dict[str, torch.Tensor]]:
+def calibration(cmd: PruneCommandConfig, model, tokenizer) -> list[dict[str, torch.Tensor]]:
     classification = type(model).__name__.endswith("SequenceClassification")
-    if classification and not args.label_field:
+    if classification and not cmd.label_field:
         raise ValueError("this is a sequence-classification model: pass --label-field with the label column")
-    docs = data_lib.load_documents(args.data, text_field=args.text_field, label_field=args.label_field if classification else None)
+    docs = data_lib.load_documents(cmd.data, text_field=cmd.text_field, label_field=cmd.label_field if classification else None)
     if classification:
-        blocks = data_lib.tokenize_classification(docs, tokenizer, args.seq_len)
+        blocks = data_lib.tokenize_classification(docs, tokenizer, cmd.seq_len)
     else:
-        blocks = data_lib.pack_causal_lm(docs, tokenizer, args.seq_len)
-    return data_lib.calibration_batches(blocks, num_batches=args.batches, batch_size=args.batch_size, seed=args.seed)
+        blocks = data_lib.pack_causal_lm(docs, tokenizer, cmd.seq_len)
+    return data_lib.calibration_batches(blocks, num_batches=cmd.batches, batch_size=cmd.batch_size, seed=cmd.seed)
 
 
-def prune_model(args: argparse.Namespace) -> None:
-    selection = _validate(args)
-    _init_distributed()
+def load(cmd: PruneCommandConfig):
+    """The model in the scoring dtype, its saved dtype, and its tokenizer (which must fit the embedding)."""
+    model = earlycrop.from_pretrained(cmd.model, attn_implementation="eager")
+    saved_dtype = next(model.parameters()).dtype
+    model.to(getattr(torch, cmd.score_dtype))
+    tokenizer = load_model_tokenizer(cmd.model)
+    if tokenizer is None:
+        raise FileNotFoundError(f"{cmd.model} has no tokenizer files: save the tokenizer into the model folder")
+    vocab = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > vocab:
+        raise ValueError(f"the tokenizer in {cmd.model} has {len(tokenizer)} tokens but the model's embedding has {vocab} rows: "
+                         "save the model's own tokenizer into the model folder")
+    return model, saved_dtype, tokenizer
+
+
+def prune_model(cmd: PruneCommandConfig) -> None:
+    """Score (sharded over the ranks, exact), select, cut, and save model + plan + scores from rank 0."""
+    check_paths(cmd)
+    init_process_group()
     rank, size = world()
     try:
-        if size > args.batches:  # before loading anything: every rank needs at least one batch
-            raise ValueError(f"{size} ranks but only {args.batches} calibration batches: raise --batches to at least {size}")
-        model = earlycrop.from_pretrained(args.model, attn_implementation="eager")
-        saved_dtype = next(model.parameters()).dtype
-        model.to(getattr(torch, args.score_dtype))
-        tokenizer = load_model_tokenizer(args.model)
-        if tokenizer is None:
-            raise FileNotFoundError(f"{args.model} has no tokenizer files: save the tokenizer into the model folder")
-        vocab = model.get_input_embeddings().weight.shape[0]
-        if len(tokenizer) > vocab:
-            raise ValueError(f"the tokenizer in {args.model} has {len(tokenizer)} tokens but the model's embedding has {vocab} rows: "
-                             "save the model's own tokenizer into the model folder")
-        placeholder_plan(model, selection)  # impossible ratios fail before scoring
-        batches = _calibration(args, model, tokenizer)
-        criterion = earlycrop.make_criterion(args.criterion, **earlycrop.criterion_options(args.criterion, hvp=args.hvp, fd_step=args.fd_step, seed=args.seed))
-        scores = score_sharded(model, criterion, batches, progress=rank == 0)
-        plan = earlycrop.make_plan(model, scores, selection, meta={"criterion": args.criterion, "batches": args.batches})
+        if size > cmd.batches:  # before loading anything: every rank needs at least one batch
+            raise ValueError(f"{size} ranks but only {cmd.batches} calibration batches: raise --batches to at least {size}")
+        if rank == 0:
+            print(f"earlycrop prune: {size} rank{'s' if size > 1 else ''}, calibration sharded over them")
+        model, saved_dtype, tokenizer = load(cmd)
+        selection = cmd.selection()
+        scoring.placeholder_plan(model, selection)  # impossible ratios fail before scoring
+        batches = calibration(cmd, model, tokenizer)
+        recipe = scoring.resolve(cmd.criterion, "task", name_or_path=None, task="", hvp=cmd.hvp, fd_step=cmd.fd_step, seed=cmd.seed)
+        scores = scoring.score(model, recipe, batches, progress=rank == 0)
+        plan = earlycrop.make_plan(model, scores, selection, meta={"criterion": recipe.criterion, "batches": cmd.batches})
         check_same_on_all_ranks(plan.to_json(), "pruning plan")
         result = earlycrop.prune(model.to(saved_dtype), plan)
         if rank == 0:
-            out = Path(args.out)
+            out = Path(cmd.out)
             _save(out, model, tokenizer, plan, scores)
             print(summary(plan, result, out))
         if dist.is_initialized():

@@ -25,7 +25,7 @@ from .config import RunConfig
 from .distributed import check_same_on_all_ranks, prepare_pruned, torch_optimizer
 from .plots import plot_kept_units, plot_scores
 from .prepare import Prepared
-from .target import fit_target, measured_tokens_per_s, selection_config, target_report
+from .target import fit_target, measured_tokens_per_s, target_report
 from .timing import StageTimer
 
 SCORES_FILE = "scores.safetensors"
@@ -86,7 +86,7 @@ class Pruner:
             scores = self._scores(model)
         meta = {"criterion": self.scoring.criterion, "objective": self.scoring.objective}
         if self.cfg.target is None:
-            plan = earlycrop.make_plan(model, scores, selection_config(self.cfg), meta=meta)
+            plan = earlycrop.make_plan(model, scores, self.cfg.prune.selection(), meta=meta)
         else:
             fitted = fit_target(self.cfg, self.accelerator, model, scores)
             plan = fitted.plan

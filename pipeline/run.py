@@ -29,7 +29,7 @@ from .plots import plot_loss_curves
 from .prepare import check_labels, check_tokenizer, prepare_data
 from .pruning import PLAN_FILE, SCORES_FILE, Pruner, log_event
 from .scoring import placeholder_plan, scoring_criterion
-from .target import fit_target, selection_config
+from .target import fit_target
 from .timing import StageTimer
 from .tracking import create_tracker, flatten_config
 from .train import BlockSampler, Loop, TrainerState, evaluate, latest_checkpoint, load_trainer_state, train
@@ -118,7 +118,7 @@ class Job:
         if self.cfg.prune.prune_at == "never":
             return 0.0
         if self.cfg.target is None:
-            plan = placeholder_plan(self.model, selection_config(self.cfg))
+            plan = placeholder_plan(self.model, self.cfg.prune.selection())
         else:
             plan = fit_target(self.cfg, self.accelerator, self.model, None).plan
         return 1.0 - earlycrop.params_after(self.model, plan) / self.dense_params

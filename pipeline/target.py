@@ -17,12 +17,6 @@ from .config import RunConfig
 from .distributed import zero_stage
 
 
-def selection_config(cfg: RunConfig) -> earlycrop.SelectionConfig:
-    """The run's fixed-ratio selection."""
-    p = cfg.prune
-    return earlycrop.SelectionConfig(p.heads, p.mlp, p.layout, p.round_to, p.gqa, p.target_params)
-
-
 def training_setup(cfg: RunConfig, accelerator: Accelerator) -> TrainingSetup:
     """How this job trains, as far as the memory model is concerned."""
     precision = {"no": "fp32", "bf16": "bf16_mixed", "fp16": "fp16_mixed"}[accelerator.mixed_precision]
