@@ -44,6 +44,7 @@ def check_model_folder(path: str) -> None:
 
 
 def _read_config_json(path: Path) -> dict:
+    """config.json as a dict, read here so a broken file is named before transformers reports it deep in a load."""
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:

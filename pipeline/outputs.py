@@ -124,10 +124,12 @@ def recover_folder(target: Path) -> None:
 
 
 def _size(n: float) -> str:
+    """Bytes as GB, or MB below 0.1 GB (a tiny model would read "0.0 GB")."""
     return f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
 
 
 def _free_bytes(path: Path) -> int:
+    """Free space where `path` is (or would be) written: the nearest folder that exists."""
     existing = next(p for p in (path, *path.parents) if p.exists())
     return shutil.disk_usage(existing).free
 
@@ -180,6 +182,7 @@ def check_run_output_dir(out: Path, resume: bool, overwrite: bool) -> None:
 
 
 def _flatten(value: Any, prefix: str = "") -> dict[str, str]:
+    """`{"prune": {"mlp": 0.5}}` → `{"prune.mlp": "0.5"}`: flat keys a message can name, values comparable as text."""
     if isinstance(value, dict) and (value or not prefix):
         return {k: v for key, sub in value.items() for k, v in _flatten(sub, f"{prefix}{key}.").items()}
     return {prefix.removesuffix("."): value if isinstance(value, str) else json.dumps(value, sort_keys=True)}
