@@ -49,6 +49,8 @@ _STAGING = ".earlycrop-staging-"  # a save in progress (complete or absent, neve
 _ASIDE = ".earlycrop-old-"  # the previous folder between the two renames of a commit
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 _RUST_DISK_FULL = re.compile(rf"\(os error ({'|'.join(map(str, _DISK_FULL))})\)")  # safetensors writes in Rust
+# torch.save's C++ writer reports a full disk without the errno ("unexpected pos 576 vs 534")
+_TORCH_WRITER = re.compile(r"inline_container\.cc|PytorchStreamWriter")
 
 
 # ---------------------------------------------------------------- earlycrop prune --out
@@ -124,8 +126,8 @@ def recover_folder(target: Path) -> None:
 
 
 def _size(n: float) -> str:
-    """Bytes as GB, or MB below 0.1 GB (a tiny model would read "0.0 GB")."""
-    return f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+    """Bytes as GB, MB below 0.1 GB and kB below 1 MB (a tiny model would read "0.0 GB")."""
+    return f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB" if n >= 1e6 else f"{n / 1e3:.0f} kB"
 
 
 def _free_bytes(path: Path) -> int:
@@ -139,9 +141,11 @@ def disk_errors(path: Path, needed_bytes: int) -> Iterator[None]:
     """Turn "no space left" / "quota exceeded" while writing under `path` into one line with the sizes."""
     try:
         yield
-    except (OSError, SafetensorError) as exc:
+    except (OSError, SafetensorError, RuntimeError) as exc:
         rust = _RUST_DISK_FULL.search(str(exc)) if isinstance(exc, SafetensorError) else None
         code = int(rust.group(1)) if rust else getattr(exc, "errno", None)
+        if isinstance(exc, RuntimeError) and _TORCH_WRITER.search(str(exc)) and _free_bytes(Path(path)) < needed_bytes:
+            code = errno.ENOSPC
         if code not in _DISK_FULL:
             raise
         reason = "disk quota exceeded" if code == errno.EDQUOT else "no space left on device"

@@ -12,6 +12,7 @@ import errno
 import hashlib
 import json
 import re
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -212,6 +213,18 @@ def test_disk_errors_name_the_path_and_the_sizes(tmp_path: Path, error: Exceptio
     with pytest.raises(OSError, match=rf"^{reason} writing {re.escape(str(tmp_path))}/x: needs about 2\.0 GB, [\d.]+ [GM]B free$"):
         with disk_errors(tmp_path / "x", 2_000_000_000):
             raise error
+
+
+TORCH_WRITER_FULL = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")  # torch.save, disk full
+
+
+@pytest.mark.parametrize(("free", "translated"), [(10, True), (10**12, False)])
+def test_disk_errors_read_torch_writer_failures_by_the_free_space(tmp_path: Path, monkeypatch, free: int,
+                                                                   translated: bool) -> None:
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: SimpleNamespace(total=free, used=0, free=free))
+    with pytest.raises(OSError if translated else RuntimeError) as raised, disk_errors(tmp_path, 5_000):
+        raise TORCH_WRITER_FULL
+    assert (str(raised.value) == f"no space left on device writing {tmp_path}: needs about 5 kB, 0 kB free") is translated
 
 
 @pytest.mark.parametrize("error", [PermissionError(errno.EACCES, "Permission denied"), SafetensorError("invalid dtype")])
