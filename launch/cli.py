@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
                 return 0
             from pipeline.run import run
 
-            summary = run(cfg, resume=args.resume)
+            summary = run(cfg, resume=args.resume, overwrite=args.overwrite)
             if int(os.environ.get("RANK", "0")) == 0:
                 print_run_summary(cfg, summary)
         elif args.command == "tracking":

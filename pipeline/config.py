@@ -227,6 +227,9 @@ class RunConfig(_Strict):
     tracking: bool = True
     tracking_uri: str | None = None
     tracking_fallback_local: bool = False
+    # how long a rank waits in a collective (scoring all-reduce, a DDP step) before failing: a hung or stopped
+    # peer then ends the job with an error instead of the 30-minute default
+    collective_timeout_s: int = Field(600, ge=10)
     model: ModelConfig
     data: DataConfig
     prune: PruneConfig = Field(default_factory=PruneConfig)

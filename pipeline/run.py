@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import json
 import resource
+import signal
 import subprocess
+from datetime import timedelta
 from pathlib import Path
 
 import datasets
@@ -24,15 +26,16 @@ from earlycrop.distill import Teacher
 from .config import RunConfig
 from .distributed import describe_launch, make_accelerator, quiet_expected_tied_weights, whole_parameters, zero_stage
 from .finetune import make_distiller, recover, recovery_blocks, teacher_dtype, warm_up_new_head
-from .modeling import build_model
+from .modeling import build_model, check_seq_len
+from .outputs import check_resume_identity, check_run_output_dir, read_identity, run_identity, write_identity
 from .plots import plot_loss_curves
 from .prepare import check_labels, check_tokenizer, prepare_data
 from .pruning import PLAN_FILE, SCORES_FILE, Pruner, log_event
 from .scoring import placeholder_plan, scoring_criterion
 from .target import fit_target
 from .timing import StageTimer
-from .tracking import create_tracker, flatten_config
-from .train import BlockSampler, Loop, TrainerState, evaluate, latest_checkpoint, load_trainer_state, train
+from .tracking import create_tracker, end_stale_run, flatten_config
+from .train import BlockSampler, DeferredSigterm, Loop, TrainerState, evaluate, latest_checkpoint, load_trainer_state, train
 
 __all__ = ["PLAN_FILE", "SCORES_FILE", "Job", "run"]
 
@@ -48,8 +51,8 @@ def git_revision() -> str:
 class Job:
     """One run of a config. State lives on the object; each stage reads and sets it in the order of `run`."""
 
-    def __init__(self, cfg: RunConfig, *, resume: bool = False):
-        self.cfg, self.resume = cfg, resume
+    def __init__(self, cfg: RunConfig, *, resume: bool = False, overwrite: bool = False):
+        self.cfg, self.resume, self.overwrite = cfg, resume, overwrite
         self.out = Path(cfg.output_dir)
         self.timer = StageTimer()
         self.state = TrainerState()
@@ -67,29 +70,36 @@ class Job:
             self.recover()
             self.prepare_training()
             self.train()
-            summary = self.evaluate()
-            self.save(summary)
+            with DeferredSigterm(self.accelerator.print, "the final evaluation and save") as sigterm:
+                summary = self.evaluate()
+                self.save(summary)
         except BaseException:
             self.tracker.close(status="FAILED")
             raise
         self.close()
+        if sigterm.requested:
+            self.accelerator.print("SIGTERM: the final evaluation and save finished; exiting")
+            raise SystemExit(128 + signal.SIGTERM)
         return summary
 
     # -- setup: accelerator, resume point, data, the dense model, a dry run of the plan, the tracker
     def setup(self) -> None:
         cfg = self.cfg
-        self.out.mkdir(parents=True, exist_ok=True)
         t = cfg.train
-        self.accelerator = make_accelerator(t.gradient_accumulation_steps, t.mixed_precision, t.micro_batch_size, t.max_grad_norm)
+        self.accelerator = make_accelerator(t.gradient_accumulation_steps, t.mixed_precision, t.micro_batch_size, t.max_grad_norm,
+                                            timeout=timedelta(seconds=cfg.collective_timeout_s))
         if not self.accelerator.is_main_process:
             datasets.disable_progress_bars()
             transformers.logging.set_verbosity_error()
         self.check_engine()
-        self.checkpoint = latest_checkpoint(self.out) if self.resume else None
+        self.claim_output_dir()
+        self.checkpoint = latest_checkpoint(self.out, self.identity) if self.resume else None
         if self.resume and self.checkpoint is None:
-            self.accelerator.print(f"--resume: no complete checkpoint in {self.out}/checkpoints, starting from scratch")
+            self.accelerator.print(f"--resume: no complete checkpoint of this run in {self.out}/checkpoints, starting from scratch")
         if self.checkpoint is not None:
             self.state = load_trainer_state(self.checkpoint)
+        if cfg.model.name_or_path is not None:
+            check_seq_len(cfg.model.name_or_path, cfg.data.seq_len, "data.seq_len")
         with self.timer("data"):
             self.prepared = prepare_data(cfg, self.accelerator)
         tok = self.prepared.tokenizer
@@ -103,6 +113,20 @@ class Job:
         self.dense_params = sum(p.numel() for p in self.model.parameters())
         self.sparsity = self.dry_run()
         self.tracker = self.open_tracker()
+
+    def claim_output_dir(self) -> None:
+        """Never run over another run: a previous run in output_dir needs --resume (same identity, checked
+        field by field) or --overwrite; this run's identity then goes into output_dir and every checkpoint."""
+        self.identity = run_identity(self.cfg)
+        info = self.out / "run_info.json"
+        self.previous_run = json.loads(info.read_text()) if info.is_file() else None
+        if self.accelerator.is_main_process:
+            check_run_output_dir(self.out, self.resume, self.overwrite)
+            saved = read_identity(self.out) if self.resume else None
+            if saved is not None:
+                check_resume_identity(saved, self.identity)
+            write_identity(self.out, self.identity)
+        self.accelerator.wait_for_everyone()
 
     def check_engine(self) -> None:
         """Pruning mid-training needs whole parameters (DDP) or ZeRO-1/2, whose moments are gathered and sliced."""
@@ -139,6 +163,10 @@ class Job:
         try:
             if acc.is_main_process:
                 info.write_text(json.dumps({"run_id": tracker.run_id, "tracking_uri": tracker.tracking_uri}))
+            previous = self.previous_run or {}
+            if acc.is_main_process and previous.get("run_id") not in (None, run_id):
+                # a killed run that will not be continued: no longer RUNNING forever in the UI
+                end_stale_run(previous.get("tracking_uri"), previous["run_id"])
             if run_id is None:
                 tracker.log_params(flatten_config(cfg.model_dump()))
             tracker.log_metrics({"params_dense": float(self.dense_params)}, step=0)
@@ -212,7 +240,7 @@ class Job:
             cfg=cfg.train, output_dir=self.out, restart_schedule=cfg.prune.schedule_after_prune == "restart",
             log=lambda metrics, step: self.tracker.log_metrics(metrics, step=step),
             pruner=self.pruner if mid_training else None, on_prune=self.log_cut,
-            distiller=make_distiller(cfg, self.teacher) if cfg.train.distill.enabled else None,
+            distiller=make_distiller(cfg, self.teacher) if cfg.train.distill.enabled else None, identity=self.identity,
         )
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
@@ -272,6 +300,6 @@ class Job:
         self.accelerator.end_training()
 
 
-def run(cfg: RunConfig, resume: bool = False) -> dict:
+def run(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> dict:
     """Run the whole job; returns the final metrics (on every rank)."""
-    return Job(cfg, resume=resume).run()
+    return Job(cfg, resume=resume, overwrite=overwrite).run()

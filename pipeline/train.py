@@ -23,6 +23,7 @@ import torch
 from accelerate import Accelerator
 
 from .config import TrainConfig
+from .outputs import disk_errors, own_checkpoints, write_identity
 
 CHECKPOINT_PREFIX = "step_"
 STATE_FILE = "trainer_state.json"
@@ -134,32 +135,64 @@ class StopSignal:
         signal.signal(signal.SIGTERM, self._previous)
 
 
+class DeferredSigterm:
+    """SIGTERM during a stage that must not be cut (the final evaluation and save) is noted and said, and
+    the stage finishes; the caller then exits (`requested`) as a terminated process would, outputs complete."""
+
+    def __init__(self, say: Callable[[str], None], stage: str):
+        self.say, self.stage, self.requested = say, stage, False
+
+    def __enter__(self) -> DeferredSigterm:
+        self.previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+        self.say(f"SIGTERM during {self.stage}: finishing it first, then exiting")
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        signal.signal(signal.SIGTERM, self.previous)
+
+
 def checkpoint_root(output_dir: Path) -> Path:
     return output_dir / "checkpoints"
 
 
-def latest_checkpoint(output_dir: Path) -> Path | None:
-    """Newest COMPLETE checkpoint; a kill while writing leaves only a `.tmp-` folder, never a step folder."""
+def latest_checkpoint(output_dir: Path, identity: dict[str, str] | None = None) -> Path | None:
+    """Newest COMPLETE checkpoint (a kill while writing leaves only a `.tmp-` folder, never a step folder);
+    with `identity`, only this run's own checkpoints count."""
+    return (checkpoints(output_dir, identity) or [None])[-1]
+
+
+def checkpoints(output_dir: Path, identity: dict[str, str] | None = None) -> list[Path]:
+    """Complete checkpoints, oldest first: all of them, or those whose identity.json matches `identity`."""
     root = checkpoint_root(output_dir)
-    done = sorted(p for p in root.glob(f"{CHECKPOINT_PREFIX}*") if (p / STATE_FILE).is_file()) if root.is_dir() else []
-    return done[-1] if done else None
+    if identity is not None:
+        return [p for p in own_checkpoints(root, identity, CHECKPOINT_PREFIX) if (p / STATE_FILE).is_file()]
+    return sorted(p for p in root.glob(f"{CHECKPOINT_PREFIX}*") if (p / STATE_FILE).is_file()) if root.is_dir() else []
 
 
-def save_checkpoint(accelerator: Accelerator, output_dir: Path, state: TrainerState, keep: int) -> Path:
-    """`save_state` into a temporary folder, then an atomic rename: complete or absent, never half."""
+def save_checkpoint(accelerator: Accelerator, output_dir: Path, state: TrainerState, keep: int,
+                    identity: dict[str, str] | None = None, needed_bytes: int = 0) -> Path:
+    """`save_state` into a temporary folder, then an atomic rename: complete or absent, never half. The
+    run's identity goes into the checkpoint, and rotation deletes only checkpoints of this identity;
+    a full disk is one line naming the folder and about `needed_bytes`."""
     root = checkpoint_root(output_dir)
     final = root / f"{CHECKPOINT_PREFIX}{state.step:08d}"
     tmp = root / f".tmp-{CHECKPOINT_PREFIX}{state.step:08d}"
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
+    with disk_errors(root, needed_bytes):
+        accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (tmp / STATE_FILE).write_text(json.dumps(asdict(state)))
+        if identity is not None:
+            write_identity(tmp, identity)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        for old in sorted(root.glob(f"{CHECKPOINT_PREFIX}*"))[:-keep]:
+        for old in checkpoints(output_dir, identity)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
@@ -202,6 +235,7 @@ class Loop:
     pruner: PruneSchedule | None = None
     on_prune: Callable[[object], None] = lambda event: None
     distiller: Distiller | None = None
+    identity: dict[str, str] | None = None  # written into every checkpoint; rotation keeps to it
 
 
 def training_loss(loop: Loop, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -265,7 +299,8 @@ def train(loop: Loop, state: TrainerState) -> TrainerState:
                 window.restart()
             stopping = bool(acc.reduce(torch.tensor(float(stop.requested), device=acc.device), reduction="sum") > 0)
             if stopping or (cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0):
-                save_checkpoint(acc, loop.output_dir, state, cfg.keep_checkpoints)
+                save_checkpoint(acc, loop.output_dir, state, cfg.keep_checkpoints, loop.identity,
+                                needed_bytes=12 * sum(p.numel() for p in model.parameters()))  # fp32 weights + 2 moments
                 window.restart()
             if stopping:
                 acc.print(f"SIGTERM: checkpoint saved at step {state.step}; resume with --resume")

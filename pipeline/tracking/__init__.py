@@ -36,6 +36,7 @@ from .factory import create_tracker
 from .interface import NullTracker, Tracker, TrackingUnavailableError, TrackingWarning
 from .mlflow_client import DEFAULT_HTTP_RETRIES, DEFAULT_HTTP_TIMEOUT, PENDING_DIR_NAME, MLflowTracker
 from .operations import apply_operation
+from .stale import end_stale_run
 from .uris import check_server_reachable, default_tracking_uri, resolve_tracking_uri
 from .values import (
     MAX_KEY_LENGTH,
@@ -53,6 +54,7 @@ __all__ = [
     "TrackingUnavailableError",
     "TrackingWarning",
     "create_tracker",
+    "end_stale_run",
     "resolve_tracking_uri",
     "default_tracking_uri",
     "flatten_config",
