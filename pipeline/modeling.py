@@ -97,6 +97,8 @@ def check_seq_len(config_or_folder: str | Path | dict | PretrainedConfig, seq_le
     """Refuse a sequence length past the model's position limit: GPT-2 would crash mid-scoring with an
     IndexError and RoPE models would run silently outside the lengths they were trained on."""
     folder = isinstance(config_or_folder, (str, Path))
+    if folder and not (Path(config_or_folder) / "config.json").is_file():
+        return  # not a model folder: check_model_folder says what is missing
     if folder:
         config = _read_config_json(Path(config_or_folder) / "config.json")
     else:
