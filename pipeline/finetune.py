@@ -115,6 +115,8 @@ def recover(cfg: RunConfig, accelerator: Accelerator, model, teacher: Teacher,
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(float(all_reduce_sum(loss.detach().clone())) / world)
+        if (step + 1) % max(1, steps // 10) == 0:
+            accelerator.print(f"recovery step {step + 1}/{steps}  hidden-state loss {losses[-1]:.4f}", flush=True)
     return losses
 
 
