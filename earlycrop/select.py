@@ -81,7 +81,19 @@ class Plan:
         return asdict(self)
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=1)
+        """A file to read: one line per layer for the kept indices, one line for each dense count list (indent=1
+        gave a line per index, 11,008 for one Llama MLP), meta indented. Deterministic text: ranks compare
+        plans by its hash. Any JSON layout loads (`load` parses JSON), so older plan files still read."""
+        fields = []
+        for key, value in self.to_dict().items():
+            if key in ("heads", "kv_heads", "neurons") and value:
+                text = "[\n" + ",\n".join(f"  {json.dumps(row)}" for row in value) + "\n ]"
+            elif key.startswith("dense_"):
+                text = json.dumps(value)
+            else:
+                text = json.dumps(value, indent=1).replace("\n", "\n ")
+            fields.append(f" {json.dumps(key)}: {text}")
+        return "{\n" + ",\n".join(fields) + "\n}\n"
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(self.to_json())

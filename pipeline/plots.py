@@ -15,7 +15,9 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 __all__ = ["plot_kept_units", "plot_loss_curves", "plot_scores"]
 
@@ -51,8 +53,7 @@ def _bars(ax, kept: Sequence[int], total: Sequence[int], what: str) -> None:
     ax.set_title(f"{what}: {all_kept} of {all_total} kept{frac}")
     ax.set_xlabel("layer")
     ax.set_ylabel(what)
-    if len(layers) <= 48:
-        ax.set_xticks(layers)
+    _integer_ticks(ax.xaxis, len(layers))
     ax.margins(y=0.12)
     ax.legend(loc="lower right", fontsize=8)
 
@@ -91,6 +92,7 @@ def plot_loss_curves(curves: Mapping[str, Sequence[tuple[int, float]]]) -> Figur
     if positives and min(positives) > 0 and max(positives) / min(positives) > 100:
         ax.set_yscale("log")
     ax.set_xlabel("step")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("loss")
     ax.set_title("Loss")
     ax.grid(True, alpha=0.3)
@@ -101,50 +103,97 @@ def plot_loss_curves(curves: Mapping[str, Sequence[tuple[int, float]]]) -> Figur
     return fig
 
 
-def plot_scores(heads: list[list[float]], neurons: list[list[float]]) -> Figure:
-    """Importance scores: heatmap of head scores (layer x head) and per-layer neuron-score spread.
+def plot_scores(heads: list[list[float]], neurons: list[list[float]], kept_heads: list[list[int]] | None = None,
+                kept_neurons: list[list[int]] | None = None) -> Figure:
+    """Importance scores with the plan's choice on them: head scores per layer x head (removed heads in grey)
+    and each layer's neuron scores as a strip (kept in colour, removed in grey), so one sees where the cut fell.
 
-    Layers may have different numbers of units (global layouts); missing cells are blank. The
-    neuron panel shows, per layer, the median and the 5-95% and 25-75% ranges, plus the maximum.
+    `kept_heads` / `kept_neurons` are the plan's kept indices per layer (None: nothing marked). Layers may
+    have different numbers of units (global layouts); missing cells are blank.
     """
     n_layers = max(len(heads), len(neurons))
     fig, axes = _new_figure(12.0, max(3.5, 0.25 * n_layers + 1.5), 1, 2)
-
-    ax = axes[0, 0]
-    if heads and max((len(r) for r in heads), default=0) > 0:
-        width = max(len(r) for r in heads)
-        grid = np.full((len(heads), width), np.nan)
-        for i, row in enumerate(heads):
-            grid[i, : len(row)] = np.asarray(row, dtype=float)
-        im = ax.imshow(np.ma.masked_invalid(grid), aspect="auto", cmap="viridis", interpolation="nearest")
-        fig.colorbar(im, ax=ax, label="score")
-        ax.set_xlabel("head")
-        ax.set_ylabel("layer")
-        if len(heads) <= 48:
-            ax.set_yticks(range(len(heads)))
-    else:
-        ax.text(0.5, 0.5, "no head scores", ha="center", va="center", transform=ax.transAxes)
-    ax.set_title("Head scores")
-
-    ax = axes[0, 1]
-    rows = [np.asarray(r, dtype=float) for r in neurons]
-    rows = [r[np.isfinite(r)] for r in rows]
-    layers = [i for i, r in enumerate(rows) if r.size]
-    if layers:
-        q = np.array([np.percentile(rows[i], [5, 25, 50, 75, 95]) for i in layers])
-        mx = np.array([rows[i].max() for i in layers])
-        ax.fill_between(layers, q[:, 0], q[:, 4], alpha=0.2, color=_KEPT, label="5-95%")
-        ax.fill_between(layers, q[:, 1], q[:, 3], alpha=0.4, color=_KEPT, label="25-75%")
-        ax.plot(layers, q[:, 2], color=_KEPT, marker="o", markersize=3, label="median")
-        ax.plot(layers, mx, color="#ff7f0e", linestyle="--", linewidth=1, label="max")
-        positive = all(rows[i].min() > 0 for i in layers)
-        if positive and mx.max() / max(q[:, 0].min(), 1e-300) > 1e3:
-            ax.set_yscale("log")
-        ax.set_xlabel("layer")
-        ax.set_ylabel("score")
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8)
-    else:
-        ax.text(0.5, 0.5, "no neuron scores", ha="center", va="center", transform=ax.transAxes)
-    ax.set_title("Neuron scores per layer")
+    _head_heatmap(fig, axes[0, 0], heads, kept_heads)
+    _neuron_strips(axes[0, 1], neurons, kept_neurons)
     return fig
+
+
+def _kept_mask(rows: Sequence[Sequence[float]], kept: list[list[int]] | None, width: int) -> np.ndarray:
+    """True where a unit is kept (everything when the plan is not given); layers x `width`."""
+    mask = np.zeros((len(rows), width), dtype=bool)
+    for i, row in enumerate(rows):
+        if kept is None:
+            mask[i, : len(row)] = True
+        else:
+            mask[i, list(kept[i])] = True
+    return mask
+
+
+def _integer_ticks(axis, count: int, every_up_to: int = 48) -> None:
+    """Layer (or head) numbers, never 0.5: every index while they fit, else integer steps."""
+    if count <= every_up_to:
+        axis.set_ticks(range(count))
+    else:
+        axis.set_major_locator(MaxNLocator(integer=True))
+
+
+def _head_heatmap(fig: Figure, ax, heads: list[list[float]], kept: list[list[int]] | None) -> None:
+    ax.set_title("Head scores" + (" (removed in grey)" if kept is not None else ""))
+    width = max((len(r) for r in heads), default=0)
+    if not width:
+        ax.text(0.5, 0.5, "no head scores", ha="center", va="center", transform=ax.transAxes)
+        return
+    grid = np.full((len(heads), width), np.nan)
+    for i, row in enumerate(heads):
+        grid[i, : len(row)] = np.asarray(row, dtype=float)
+    mask = _kept_mask(heads, kept, width)
+    im = ax.imshow(np.ma.masked_where(~mask | np.isnan(grid), grid), aspect="auto", cmap="viridis", interpolation="nearest")
+    removed = np.ma.masked_where(mask | np.isnan(grid), np.zeros_like(grid))
+    ax.imshow(removed, aspect="auto", cmap=ListedColormap([_TOTAL]), interpolation="nearest")
+    fig.colorbar(im, ax=ax, label="score (kept)" if kept is not None else "score")
+    ax.set_xlabel("head")
+    ax.set_ylabel("layer")
+    _integer_ticks(ax.xaxis, width, every_up_to=24)
+    _integer_ticks(ax.yaxis, len(heads))
+
+
+def _strip(values: np.ndarray, per_layer: int) -> tuple[np.ndarray, np.ndarray]:
+    """Up to `per_layer` finite scores evenly spaced in rank order (the whole distribution, and drawable for
+    an 11,008-neuron layer) and their x offsets within the layer's column."""
+    finite = np.flatnonzero(np.isfinite(values))
+    order = finite[np.argsort(values[finite], kind="stable")]
+    shown = order[np.unique(np.linspace(0, order.size - 1, min(per_layer, order.size)).round().astype(int))] if order.size else order
+    return shown, np.linspace(-0.35, 0.35, shown.size) if shown.size > 1 else np.zeros(shown.size)
+
+
+def _neuron_strips(ax, neurons: list[list[float]], kept: list[list[int]] | None, per_layer: int = 300) -> None:
+    """Each layer's neuron scores as a strip, kept and removed apart, with the layer's median."""
+    ax.set_title("Neuron scores per layer")
+    points: dict[bool, tuple[list, list]] = {True: ([], []), False: ([], [])}
+    medians, shown_values = [], []
+    for i, row in enumerate(neurons):
+        values = np.asarray(row, dtype=float)
+        shown, offsets = _strip(values, per_layer)
+        if not shown.size:
+            continue
+        keep = _kept_mask([row], None if kept is None else [kept[i]], len(values))[0][shown]
+        for is_kept in (True, False):
+            points[is_kept][0].extend(i + offsets[keep == is_kept])
+            points[is_kept][1].extend(values[shown][keep == is_kept])
+        medians.append((i, float(np.median(values[np.isfinite(values)]))))
+        shown_values.append(values[shown])
+    if not medians:
+        ax.text(0.5, 0.5, "no neuron scores", ha="center", va="center", transform=ax.transAxes)
+        return
+    for is_kept, colour, label in ((False, _TOTAL, "removed"), (True, _KEPT, "kept" if kept is not None else "neurons")):
+        if points[is_kept][0]:
+            ax.scatter(*points[is_kept], s=4, color=colour, label=label, rasterized=True)
+    ax.plot(*zip(*medians), color="#ff7f0e", marker="_", markersize=14, linestyle="none", label="median")
+    every = np.concatenate(shown_values)
+    if every.min() > 0 and every.max() / every.min() > 1e3:
+        ax.set_yscale("log")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("score")
+    _integer_ticks(ax.xaxis, len(neurons), every_up_to=24)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)

@@ -173,7 +173,7 @@ def log_event(tracker, event: PruneEvent, out: Path, rule: WeightDistanceRule | 
     tracker.set_tags({"plain_loadable": event.result.plain_loadable})
     tracker.log_figure(plot_kept_units(counts["heads"], event.plan.dense_heads, counts["neurons"], event.plan.dense_neurons),
                        "kept_units.png")
-    tracker.log_figure(plot_scores([h.tolist() for h in event.scores.heads], [n.tolist() for n in event.scores.neurons]),
-                       "scores.png")
+    tracker.log_figure(plot_scores([h.tolist() for h in event.scores.heads], [n.tolist() for n in event.scores.neurons],
+                                   event.plan.heads, event.plan.neurons), "scores.png")
     if rule is not None:
         tracker.log_dict({"trace": rule.trace, "threshold": rule.threshold, "pruned_at": event.step}, "auto_schedule.json")
