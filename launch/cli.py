@@ -65,7 +65,7 @@ def _add_prune_parser(sub) -> None:
                            formatter_class=HelpFormatter)
     add_fields(prune, PruneCommandConfig, ["model", "data", "criterion", "heads", "mlp", "layout", "gqa", "round_to",
                                            "hvp", "fd_step", "batches", "batch_size", "seq_len", "text_field",
-                                           "label_field", "score_dtype", "seed", "out", "overwrite"],
+                                           "label_field", "objective", "score_dtype", "seed", "out", "overwrite"],
                defaults={"heads": 0.0, "mlp": 0.0}, parsers={"heads": _ratio, "mlp": _ratio})
 
 

@@ -363,6 +363,10 @@ class PruneCommandConfig(ScoringSettings, SelectionSettings):
     seq_len: int = Field(128, ge=1, description="tokens per calibration sequence")
     text_field: str = Field("text", description="text column of .jsonl / .parquet data")
     label_field: str | None = Field(None, description="label column, for sequence-classification models")
+    objective: Literal["auto", "task", "self"] = Field(
+        "auto", description="loss the criterion differentiates: task (the labels; a language model's own text), self (a "
+                            "classifier's own predictions on the text as labels: unlabelled text is enough), auto "
+                            "(self for a classifier without --label-field, task otherwise)")
     score_dtype: Literal["float32", "float64"] = Field(
         "float32", description="precision of scoring (float64 makes N-rank and 1-rank scores agree to round-off)")
     seed: int = Field(0, description="seed of the calibration draw (and of random)")

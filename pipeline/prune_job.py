@@ -32,16 +32,50 @@ def check_paths(cmd: PruneCommandConfig) -> None:
     check_seq_len(cmd.model, cmd.seq_len, "--seq-len")
 
 
-def calibration(cmd: PruneCommandConfig, model, tokenizer) -> list[dict[str, torch.Tensor]]:
-    classification = type(model).__name__.endswith("SequenceClassification")
-    if classification and not cmd.label_field:
-        raise ValueError("this is a sequence-classification model: pass --label-field with the label column")
-    docs = data_lib.load_documents(cmd.data, text_field=cmd.text_field, label_field=cmd.label_field if classification else None)
+def is_classifier(model) -> bool:
+    return type(model).__name__.endswith("SequenceClassification")
+
+
+def resolve_objective(cmd: PruneCommandConfig, model) -> str:
+    """`auto`: a classifier without --label-field scores on its own predictions (self), everything else on the
+    task's targets (the labels; a language model's own text)."""
+    classifier = is_classifier(model)
+    if cmd.objective == "auto":
+        return "self" if classifier and not cmd.label_field else "task"
+    if cmd.objective == "self" and not classifier:
+        raise ValueError("--objective self needs a sequence-classification model (its predicted class per text); "
+                         "a language model scores on its own text with --objective task")
+    if cmd.objective == "task" and classifier and not cmd.label_field:
+        raise ValueError("--objective task on a sequence-classification model needs --label-field with the label column; "
+                         "without labels use --objective self (the model's own predictions as labels)")
+    return cmd.objective
+
+
+def calibration(cmd: PruneCommandConfig, model, tokenizer, objective: str) -> list[dict[str, torch.Tensor]]:
+    """Calibration batches with the targets `objective` scores on; for `self` the dense model's predictions."""
+    classification = is_classifier(model)
+    labelled = classification and objective == "task"
+    docs = data_lib.load_documents(cmd.data, text_field=cmd.text_field, label_field=cmd.label_field if labelled else None)
     if classification:
+        if not labelled:
+            docs = docs.add_column("label", [0] * len(docs))  # placeholder: self_labelled replaces it
         blocks = data_lib.tokenize_classification(docs, tokenizer, cmd.seq_len)
     else:
         blocks = data_lib.pack_causal_lm(docs, tokenizer, cmd.seq_len)
-    return data_lib.calibration_batches(blocks, num_batches=cmd.batches, batch_size=cmd.batch_size, seed=cmd.seed)
+    batches = data_lib.calibration_batches(blocks, num_batches=cmd.batches, batch_size=cmd.batch_size, seed=cmd.seed)
+    return self_labelled(model, batches) if objective == "self" else batches
+
+
+@torch.no_grad()
+def self_labelled(model, batches: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
+    """Each text labelled with the dense classifier's own prediction (argmax of its logits), once, before scoring:
+    the criterion then asks which units that decision depends on, with no labelled data at hand."""
+    training = model.training
+    model.eval()
+    try:
+        return [{**b, "labels": model(**{k: v for k, v in b.items() if k != "labels"}).logits.argmax(-1)} for b in batches]
+    finally:
+        model.train(training)
 
 
 def load(cmd: PruneCommandConfig):
@@ -72,10 +106,14 @@ def prune_model(cmd: PruneCommandConfig) -> None:
         model, saved_dtype, tokenizer = load(cmd)
         selection = cmd.selection()
         scoring.placeholder_plan(model, selection)  # impossible ratios fail before scoring
-        batches = calibration(cmd, model, tokenizer)
+        objective = resolve_objective(cmd, model)
+        batches = calibration(cmd, model, tokenizer, objective)
         recipe = scoring.resolve(cmd.criterion, "task", name_or_path=None, task="", hvp=cmd.hvp, fd_step=cmd.fd_step, seed=cmd.seed)
+        if rank == 0 and objective == "self":
+            print("scoring on the model's own predictions (--objective self): no labels needed")
         scores = scoring.score(model, recipe, batches, progress=rank == 0)
-        plan = earlycrop.make_plan(model, scores, selection, meta={"criterion": recipe.criterion, "batches": cmd.batches})
+        meta = {"criterion": recipe.criterion, "objective": objective, "batches": cmd.batches}
+        plan = earlycrop.make_plan(model, scores, selection, meta=meta)
         check_same_on_all_ranks(plan.to_json(), "pruning plan")
         result = earlycrop.prune(model.to(saved_dtype), plan)
         if rank == 0:
