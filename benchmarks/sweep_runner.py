@@ -83,16 +83,20 @@ def add_report_args(ap: argparse.ArgumentParser, root: Path) -> None:
 
 
 def metric_histories(run_dir: Path, names: tuple[str, ...]) -> dict[str, list[tuple[int, float, float]]]:
-    """For each metric of the pipeline run in `run_dir` (its run_info.json names the MLflow run): the points
-    (step, value, seconds since the run started), one per step (the final evaluation is logged twice)."""
+    """For each metric of the pipeline run in `run_dir` (its run_info.json names the MLflow run), by its pipeline
+    name (`val_loss`, logged to MLflow as `val/loss`): the points (step, value, seconds since the run started),
+    one per step (runs before the MLflow sections logged the final evaluation twice)."""
     from mlflow.tracking import MlflowClient
+
+    from pipeline.tracking import metric_name
 
     info = json.loads((run_dir / "run_info.json").read_text())
     client = MlflowClient(tracking_uri=info["tracking_uri"])
     start = client.get_run(info["run_id"]).info.start_time
     out = {}
     for name in names:
-        points = {m.step: (m.step, m.value, (m.timestamp - start) / 1000.0) for m in client.get_metric_history(info["run_id"], name)}
+        history = client.get_metric_history(info["run_id"], metric_name(name))
+        points = {m.step: (m.step, m.value, (m.timestamp - start) / 1000.0) for m in history}
         out[name] = sorted(points.values())
     return out
 

@@ -34,7 +34,7 @@ from .pruning import PLAN_FILE, SCORES_FILE, Pruner, log_event
 from .scoring import placeholder_plan, scoring_criterion
 from .target import fit_target
 from .timing import StageTimer
-from .tracking import create_tracker, end_stale_run, flatten_config
+from .tracking import create_tracker, default_run_name, end_stale_run, flatten_config
 from .train import BlockSampler, DeferredSigterm, Loop, TrainerState, evaluate, latest_checkpoint, load_trainer_state, train
 
 __all__ = ["PLAN_FILE", "SCORES_FILE", "Job", "run"]
@@ -158,7 +158,7 @@ class Job:
                 "prune_at": cfg.prune.prune_at, "git_revision": git_revision(),
                 "family": earlycrop.get_adapter(self.model).name, "world_size": acc.num_processes}
         tracker = create_tracker(is_main_process=acc.is_main_process, output_dir=self.out, tracking_uri=cfg.tracking_uri,
-                                 experiment=cfg.experiment, run_name=cfg.run_name, enabled=cfg.tracking,
+                                 experiment=cfg.experiment, run_name=self.run_name(tags["family"]), enabled=cfg.tracking,
                                  fallback_to_local=cfg.tracking_fallback_local, run_id=run_id, tags=tags)
         try:
             if acc.is_main_process:
@@ -174,6 +174,15 @@ class Job:
             tracker.close(status="FAILED")
             raise
         return tracker
+
+    def run_name(self, family: str) -> str:
+        """The config's run_name, else one that says what the run is (`llama-earlycrop-h50-m50-uniform-s0`)."""
+        cfg, p = self.cfg, self.cfg.prune
+        if cfg.run_name or p.prune_at == "never":
+            return cfg.run_name or default_run_name(family, cfg.seed)
+        budget = cfg.target.budget if cfg.target else f"params<={p.target_params}" if p.target_params else None
+        return default_run_name(family, cfg.seed, criterion=scoring_criterion(cfg), heads=p.heads, mlp=p.mlp,
+                                layout=p.layout, prune_at=p.prune_at, budget=budget)
 
     # -- before training: head warm-up, the cut (or its replay on resume), recovery toward the dense model
     def warm_up_head(self) -> None:
@@ -271,8 +280,11 @@ class Job:
             summary["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
         else:
             summary["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        numbers = {k: float(v) for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        self.tracker.log_metrics(numbers, step=self.state.step)
+        # one-off figures (times, parameters, steps, peak memory) once; the evaluations are on the val curves already,
+        # params_dense went at step 0 and the cut's step as prune/step
+        on_a_curve = {*final, *(f"{k}_at_start" for k in self.start_metrics), "params_dense", "pruned_at"}
+        self.tracker.log_metrics({k: float(v) for k, v in summary.items() if k not in on_a_curve
+                                  and isinstance(v, (int, float)) and not isinstance(v, bool)}, step=self.state.step)
         return summary
 
     def save(self, summary: dict) -> None:

@@ -64,10 +64,10 @@ def test_two_rank_accelerate_run_tracks_everything(tmp_path, reference):
     assert run.data.tags["world_size"] == "2" and run.data.tags["criterion"] == "earlycrop"
     assert run.data.params["prune.heads"] == "0.5" and run.data.params["train.max_steps"] == "12"
     metrics = run.data.metrics
-    assert metrics["params_pruned"] < metrics["params_dense"]
-    assert {"val_loss", "val_perplexity", "train_loss", "tokens_per_s", "step_time_s", "time_score_s",
-            "time_train_s", "time_prune_s", "time_eval_s"} <= set(metrics)
-    losses = [m.value for m in client.get_metric_history(run.info.run_id, "train_loss")]
+    assert metrics["prune/params_pruned"] < metrics["params/dense"]
+    assert {"val/loss", "val/perplexity", "train/loss", "train/tokens_per_s", "train/step_time_s", "time/score_s",
+            "time/train_s", "time/prune_s", "time/eval_s"} <= set(metrics)
+    losses = [m.value for m in client.get_metric_history(run.info.run_id, "train/loss")]
     assert len(losses) == 6 and losses[-1] < losses[0]
     artifacts = artifact_paths(client, run.info.run_id)
     assert {"plan.json", "scores/scores.safetensors", "kept_units.png", "loss_curves.png", "model/config.json",
@@ -147,7 +147,7 @@ def test_prune_mid_training_under_ddp_keeps_training(pruned_mid_ddp):
     result = summary(pruned_mid_ddp)
     assert result["pruned_at"] == 6 and result["params_final"] < result["params_dense"]
     client, run = mlflow_run(pruned_mid_ddp)
-    losses = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "train_loss")}
+    losses = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "train/loss")}
     assert sorted(losses) == list(range(1, 17))
     # after the cut the loss keeps falling: the sliced Adam moments carry on instead of restarting
     assert sum(losses[s] for s in (14, 15, 16)) / 3 < losses[6]
@@ -226,7 +226,7 @@ def test_auto_prunes_when_weights_settle_and_logs_the_trace(tmp_path):
     result = summary(out)
     assert 6 <= result["pruned_at"] <= 10 and result["params_final"] < result["params_dense"]
     client, run = mlflow_run(out)
-    trace = client.get_metric_history(run.info.run_id, "auto_weight_distance")
+    trace = client.get_metric_history(run.info.run_id, "prune/auto_weight_distance")
     assert [m.step for m in trace][:2] == [2, 4] and trace[1].value > 0
     assert "auto_schedule.json" in artifact_paths(client, run.info.run_id)
 
@@ -238,8 +238,8 @@ def test_target_budget_picks_the_plan_and_logs_the_report(tmp_path):
     result = summary(out)
     assert result["params_final"] <= 20_000 < result["params_dense"]
     client, run = mlflow_run(out)
-    assert run.data.metrics["budget.pruned.params"] == result["params_final"]
-    assert run.data.metrics["budget.dense.tokens_per_s"] > 0 and run.data.metrics["budget.pruned.tokens_per_s"] > 0
+    assert run.data.metrics["budget/pruned.params"] == result["params_final"]
+    assert run.data.metrics["budget/dense.tokens_per_s"] > 0 and run.data.metrics["budget/pruned.tokens_per_s"] > 0
     assert "budget_report.json" in artifact_paths(client, run.info.run_id)
     refused = launching.cli("run", CONFIG, f"output_dir={tmp_path / 'refused'}", "target.budget=params<=100", check=False)
     assert refused.returncode != 0 and "params<=100" in refused.stderr

@@ -25,8 +25,10 @@ from pipeline.tracking import (
     TrackingUnavailableError,
     TrackingWarning,
     create_tracker,
+    default_run_name,
     default_tracking_uri,
     flatten_config,
+    metric_name,
     replay_backlog,
     resolve_tracking_uri,
     write_backlog,
@@ -194,6 +196,46 @@ def test_flatten_config():
         flatten_config(3)
 
 
+def test_metric_names_get_sections_and_unknown_names_stay():
+    named = {n: metric_name(n) for n in ("train_loss", "lr", "tokens_per_s", "val_loss", "val_accuracy", "params_pruned",
+                                         "time_score_s", "peak_rss_bytes", "distill_hidden", "budget.dense.params",
+                                         "params_final", "steps", "head_warmup_loss_first", "loss", "train/loss")}
+    assert named == {
+        "train_loss": "train/loss", "lr": "train/lr", "tokens_per_s": "train/tokens_per_s", "val_loss": "val/loss",
+        "val_accuracy": "val/accuracy", "params_pruned": "prune/params_pruned", "time_score_s": "time/score_s",
+        "peak_rss_bytes": "system/peak_rss_bytes", "distill_hidden": "distill/hidden",
+        "budget.dense.params": "budget/dense.params", "params_final": "params/final", "steps": "train/steps",
+        "head_warmup_loss_first": "head_warmup/loss_first", "loss": "loss", "train/loss": "train/loss",
+    }
+
+
+def test_default_run_names_say_what_the_run_is():
+    assert default_run_name("llama", 0, criterion="earlycrop", heads=0.5, mlp=0.5) == "llama-earlycrop-h50-m50-uniform-s0"
+    assert default_run_name("llama", 3) == "llama-dense-s3"
+    assert default_run_name("gpt2", 1, criterion="snip", heads=0.25, mlp=0.125, layout="global",
+                            prune_at="auto") == "gpt2-snip-h25-m12.5-global-auto-s1"
+    assert default_run_name("qwen2", 0, criterion="magnitude", budget="24GB x 1", prune_at=100) == "qwen2-magnitude-24GBx1-uniform-at100-s0"
+
+
+def test_a_run_logs_curves_in_sections_and_one_off_figures_once(tmp_path):
+    out = tmp_path / "run"
+    assert cli_main(["run", "configs/ci_tiny.yaml", f"output_dir={out}", "train.max_steps=2", "train.log_every=1",
+                     "train.checkpoint_every=0"]) == 0
+    info = json.loads((out / "run_info.json").read_text())
+    client = _client(info["tracking_uri"])
+    run = client.get_run(info["run_id"])
+    assert run.info.run_name == "llama-earlycrop-h50-m50-uniform-s0"
+    assert all("/" in key for key in run.data.metrics), sorted(run.data.metrics)
+    points = {key: [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, key)] for key in run.data.metrics}
+    assert [s for s, _ in points["train/loss"]] == [1, 2] and [s for s, _ in points["val/loss"]] == [0, 2]
+    once = {"params/dense", "params/final", "train/steps", "system/peak_rss_bytes", "time/score_s", "time/train_s",
+            "prune/params_pruned"}
+    assert once <= set(points) and all(len(points[key]) == 1 for key in once)
+    summary = json.loads((out / "summary.json").read_text())
+    assert {"val_loss", "params_final", "time_train_s", "steps"} <= set(summary), "summary.json keeps its keys"
+    assert points["params/final"] == [(2, summary["params_final"])] and points["val/loss"][-1] == (2, summary["val_loss"])
+
+
 def test_uri_resolution_order(tmp_path, monkeypatch):
     default = default_tracking_uri(tmp_path)
     assert default == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
@@ -293,7 +335,8 @@ def test_mlflow_roundtrip_sqlite(tmp_path):
     assert run.data.tags["family"] == "gpt2" and run.data.tags["criterion"] == "earlycrop"
     history = client.get_metric_history(run_id, "train/loss")
     assert sorted((m.step, m.value) for m in history) == [(0, 3.0), (1, 2.0), (2, 1.0)]
-    assert len(client.get_metric_history(run_id, "lr")) == 3
+    assert len(client.get_metric_history(run_id, "train/lr")) == 3, "the pipeline's `lr` goes to the train section"
+    assert set(run.data.metrics) == {"train/loss", "train/lr"}
     assert _artifact_paths(client, run_id) == {
         "plan/plan.json",
         "plots/kept_units.png",

@@ -26,7 +26,8 @@ Reliability contract:
 Modules: :mod:`.interface` (protocol, null tracker, errors), :mod:`.uris` (where the store is, its
 lock, the health check), :mod:`.values` (keys and values within MLflow's limits),
 :mod:`.operations` (the one operation applier), :mod:`.mlflow_client` (tracker and retry queue),
-:mod:`.backlog` (JSONL backlog and replay), :mod:`.factory` (:func:`create_tracker`).
+:mod:`.backlog` (JSONL backlog and replay), :mod:`.factory` (:func:`create_tracker`), :mod:`.names`
+(metric sections such as ``train/loss``, run names that say what a run is).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from .backlog import BACKLOG_FILE_NAME, read_backlog, replay_backlog, write_back
 from .factory import create_tracker
 from .interface import NullTracker, Tracker, TrackingUnavailableError, TrackingWarning
 from .mlflow_client import DEFAULT_HTTP_RETRIES, DEFAULT_HTTP_TIMEOUT, PENDING_DIR_NAME, MLflowTracker
+from .names import default_run_name, metric_name
 from .operations import apply_operation
 from .stale import end_stale_run
 from .uris import check_server_reachable, default_tracking_uri, resolve_tracking_uri
@@ -55,6 +57,8 @@ __all__ = [
     "TrackingWarning",
     "create_tracker",
     "end_stale_run",
+    "metric_name",
+    "default_run_name",
     "resolve_tracking_uri",
     "default_tracking_uri",
     "flatten_config",

@@ -16,6 +16,7 @@ from typing import Any
 
 from .backlog import BACKLOG_FILE_NAME, write_backlog
 from .interface import TrackingUnavailableError, TrackingWarning
+from .names import metric_name
 from .operations import Operation, apply_operation
 from .uris import check_server_reachable, create_in_store, sqlite_artifact_location
 from .values import MAX_METRICS_PER_BATCH, flatten_config, sanitize_key, short_error, tag_values, to_plain
@@ -78,7 +79,8 @@ class MLflowTracker:
     the experiment and creates the run (or resumes ``run_id``); any failure there raises
     :class:`TrackingUnavailableError` naming the URI. After that, no method raises on backend
     failures: a failed call is queued (in order) and retried on later calls with a back-off, and
-    once more at :meth:`close`; what still fails then goes to the backlog file.
+    once more at :meth:`close`; what still fails then goes to the backlog file. Metric names go to MLflow in
+    sections (:func:`~.names.metric_name`: `train_loss` is logged as `train/loss`).
     """
 
     def __init__(
@@ -177,7 +179,7 @@ class MLflowTracker:
                     stacklevel=2,
                 )
                 continue
-            entries.append({"key": sanitize_key(key), "value": fvalue, "timestamp": now, "step": int(step or 0)})
+            entries.append({"key": sanitize_key(metric_name(key)), "value": fvalue, "timestamp": now, "step": int(step or 0)})
         if entries:
             self._submit(("metrics", {"metrics": entries}))
 

@@ -1,0 +1,58 @@
+"""Names in MLflow: metric names in sections and run names that say what a run is.
+
+The pipeline keeps its flat names (summary.json keys, the training log: `train_loss`, `time_score_s`);
+MLflow gets `section/name` (`train/loss`, `time/score_s`), because its UI groups charts by the part
+before the slash: the loss curves get a section of their own instead of sitting among one-off figures.
+The tracker applies :func:`metric_name` to every metric it logs, so this is the one place that renames.
+"""
+
+from __future__ import annotations
+
+# names that do not carry their section as a prefix
+SECTION_OF = {
+    "lr": "train/lr",
+    "tokens": "train/tokens",
+    "tokens_per_s": "train/tokens_per_s",
+    "step_time_s": "train/step_time_s",
+    "steps": "train/steps",
+    "params_dense": "params/dense",
+    "params_final": "params/final",
+    "params_pruned": "prune/params_pruned",
+    "prune_step": "prune/step",
+    "auto_weight_distance": "prune/auto_weight_distance",
+    "peak_rss_bytes": "system/peak_rss_bytes",
+    "peak_memory_bytes": "system/peak_memory_bytes",
+}
+# a prefix that names the section: `val_loss` -> `val/loss`, `budget.dense.params` -> `budget/dense.params`
+SECTION_PREFIXES = (
+    ("train_", "train/"),
+    ("val_", "val/"),
+    ("distill_", "distill/"),
+    ("head_warmup_", "head_warmup/"),
+    ("recovery_", "recovery/"),
+    ("budget.", "budget/"),
+    ("time_", "time/"),
+)
+
+
+def metric_name(name: str) -> str:
+    """The MLflow name of a pipeline metric; a name with a section already, or an unknown one, is kept."""
+    if "/" in name:
+        return name
+    if name in SECTION_OF:
+        return SECTION_OF[name]
+    for prefix, section in SECTION_PREFIXES:
+        if name.startswith(prefix):
+            return section + name[len(prefix) :]
+    return name
+
+
+def default_run_name(family: str, seed: int, *, criterion: str | None = None, heads: float = 0.0, mlp: float = 0.0,
+                     layout: str = "uniform", prune_at: int | str = 0, budget: str | None = None) -> str:
+    """What the run is, for a config without `run_name`: `llama-earlycrop-h50-m50-uniform-s0`, a dense run
+    (no criterion) `llama-dense-s0`; a budget replaces the ratios, a cut after step 0 adds `-at100` or `-auto`."""
+    if criterion is None:
+        return f"{family}-dense-s{seed}"
+    amount = budget.replace(" ", "") if budget else f"h{heads * 100:g}-m{mlp * 100:g}"
+    when = "" if prune_at == 0 else "-auto" if prune_at == "auto" else f"-at{prune_at}"
+    return f"{family}-{criterion}-{amount}-{layout}{when}-s{seed}"
