@@ -84,7 +84,12 @@ def recovery_blocks(cfg: RunConfig, prepared: Prepared) -> dict[str, torch.Tenso
     if cfg.train.recovery_source is None:
         return {k: v for k, v in prepared.train_blocks.items() if k != "labels"}
     docs = data_lib.load_documents(cfg.train.recovery_source, text_field=cfg.data.text_field)
-    packed = data_lib.pack_causal_lm(docs, prepared.tokenizer, cfg.data.seq_len)
+    tokenizer = prepared.tokenizer
+    if tokenizer.eos_token_id is None:  # an encoder's tokenizer: one document per row, its own special tokens
+        rows = tokenizer(list(docs["text"]), truncation=True, padding="max_length", max_length=cfg.data.seq_len,
+                         return_tensors="pt")
+        return {"input_ids": rows["input_ids"], "attention_mask": rows["attention_mask"]}
+    packed = data_lib.pack_causal_lm(docs, tokenizer, cfg.data.seq_len)
     return {"input_ids": torch.tensor(list(packed["input_ids"]))}
 
 
