@@ -13,10 +13,12 @@ scores of one process over all batches (docs/DESIGN.md §4).
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, ClassVar, Literal, TypeVar
@@ -121,54 +123,116 @@ def _gate_grads(ctx: ScoringContext, loss: torch.Tensor) -> list[torch.Tensor]:
 
 
 def _weight_gradient(ctx: ScoringContext, weights: list[nn.Parameter]) -> list[torch.Tensor]:
-    """g = ∇θ L summed over all calibration batches of all ranks (detached)."""
-    g = [torch.zeros_like(w, dtype=torch.promote_types(w.dtype, torch.float32)) for w in weights]
-    for batch in ctx.iter_batches("gradient"):
-        for acc, grad in zip(g, torch.autograd.grad(ctx.loss_fn(ctx.model, batch), weights)):
-            acc.add_(grad)
-    return ctx.reduce_all(g)
+    """g = ∇θ L summed over all calibration batches of all ranks (detached), as views of one flat buffer
+    of at least float32. Each weight's gradient is added as backward produces it and then dropped, so
+    besides g at most one layer's gradient is alive, and the all-reduce needs no concatenated copy."""
+    dtype = functools.reduce(torch.promote_types, (w.dtype for w in weights), torch.float32)
+    flat = torch.zeros(sum(w.numel() for w in weights), dtype=dtype, device=weights[0].device)
+    g = [chunk.view_as(w) for chunk, w in zip(flat.split([w.numel() for w in weights]), weights)]
+    stashed = [w.grad for w in weights]  # a training step's gradients, put back untouched
+
+    def add_to(acc: torch.Tensor):
+        def hook(w: torch.Tensor) -> None:
+            acc.add_(w.grad)
+            w.grad = None
+
+        return hook
+
+    handles = [w.register_post_accumulate_grad_hook(add_to(acc)) for w, acc in zip(weights, g)]
+    try:
+        for w in weights:
+            w.grad = None
+        for batch in ctx.iter_batches("gradient"):
+            ctx.loss_fn(ctx.model, batch).backward(inputs=weights)
+    finally:
+        for h in handles:
+            h.remove()
+        for w, grad in zip(weights, stashed):
+            w.grad = grad
+    flat = ctx.reduce(flat)
+    return [chunk.view_as(w) for chunk, w in zip(flat.split([w.numel() for w in weights]), weights)]
+
+
+# bf16 / fp16 weights round a perturbation much below their resolution away: their finite-difference
+# step is at least LOW_PRECISION_STEP · eps(dtype) · ‖θ‖ (rank agreement with float32: tests/test_criteria.py)
+LOW_PRECISION_STEP = 2.0
+
+
+def finite_difference_step(weights: list[torch.Tensor], fd_step: float, theta_sq: float | None = None) -> float:
+    """‖ε·g‖, the length of the finite-difference perturbation: `fd_step`, or for bf16/fp16 weights at least
+    LOW_PRECISION_STEP · eps · ‖θ‖. `theta_sq` is ‖θ‖² when the caller holds only part of θ (a shard)."""
+    low = [torch.finfo(w.dtype).eps for w in weights if w.dtype in (torch.bfloat16, torch.float16)]
+    if not low:
+        return fd_step
+    if theta_sq is None:
+        theta_sq = sum(float(w.detach().double().square().sum()) for w in weights)
+    return max(fd_step, LOW_PRECISION_STEP * max(low) * math.sqrt(theta_sq))
+
+
+@contextmanager
+def perturbed(weights: list[torch.Tensor], directions: list[torch.Tensor], step: float):
+    """θ += step · g in place for the duration, then θ restored bit-exactly without a copy of θ.
+
+    Each tensor is shifted in g's precision (float32 for bf16/fp16 weights, one tensor at a time, in two
+    scratch buffers the size of the largest) and rounded to its own dtype. Subtracting the same shift undoes
+    it except where rounding differs (a binade crossed, a tie): those few entries are found while shifting,
+    kept, and written back."""
+    kept: list[tuple[tuple[torch.Tensor, ...], torch.Tensor]] = []
+    scratch = torch.empty(2, max(gi.numel() for gi in directions), dtype=directions[0].dtype, device=directions[0].device)
+
+    def buffers(gi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return scratch[0, : gi.numel()].view_as(gi), scratch[1, : gi.numel()].view_as(gi)
+
+    try:
+        with torch.no_grad():
+            for w, gi in zip(weights, directions):
+                shift, moved = buffers(gi)
+                moved = torch.add(w, torch.mul(gi, step, out=shift), out=moved).to(w.dtype)
+                where = (torch.sub(moved, shift, out=shift).to(w.dtype) != w).nonzero(as_tuple=True)
+                kept.append((where, w[where]))
+                w.copy_(moved)
+        yield
+    finally:
+        with torch.no_grad():
+            for w, gi, (where, values) in zip(weights, directions, kept):
+                shift, moved = buffers(gi)
+                w.copy_(torch.sub(w, torch.mul(gi, step, out=shift), out=moved))
+                w[where] = values
+
+
+def _finite_difference(ctx: ScoringContext, weights: list[nn.Parameter], g: list[torch.Tensor], fd_step: float) -> list[torch.Tensor]:
+    """Σ_b [∇_c L_b(θ + εg) − ∇_c L_b(θ − εg)] / 2ε with ε = step / ‖g‖, perturbing θ in place."""
+    g_norm = math.sqrt(sum(float((gi.double() ** 2).sum()) for gi in g))
+    if g_norm == 0.0:
+        raise FloatingPointError("the weight gradient is zero on the calibration batches: nothing to score")
+    eps = finite_difference_step(weights, fd_step) / g_norm
+    acc = ctx.gates.zeros_like()
+    for batch in ctx.iter_batches("H·g (finite difference)"):
+        sides = []
+        for sign in (1.0, -1.0):
+            with perturbed(weights, g, sign * eps):
+                sides.append(_gate_grads(ctx, ctx.loss_fn(ctx.model, batch)))
+        for a, plus, minus in zip(acc, *sides):
+            a.add_((plus.to(a.dtype) - minus.to(a.dtype)) / (2 * eps))
+    return acc
 
 
 def hessian_gradient_product(ctx: ScoringContext, hvp: Literal["exact", "finite_difference"], fd_step: float) -> list[torch.Tensor]:
     """Σ_batches H_cθ · g, the mixed (gates × weights) Hessian times the global weight gradient."""
+    if hvp not in ("exact", "finite_difference"):
+        raise ValueError(f"hvp must be 'exact' or 'finite_difference', got {hvp!r}")
     weights = ctx.adapter.prunable_weights(ctx.model)
     g = _weight_gradient(ctx, weights)
+    if hvp == "finite_difference":
+        return ctx.reduce_all(_finite_difference(ctx, weights, g, fd_step))
     acc = ctx.gates.zeros_like()
-    if hvp == "exact":
-        # fused SDPA kernels (flash / memory-efficient) have no double backward; the math path has
-        with sdpa_kernel(SDPBackend.MATH):
-            for batch in ctx.iter_batches("H·g (exact)"):
-                grads = torch.autograd.grad(ctx.loss_fn(ctx.model, batch), weights, create_graph=True)
-                z = sum((gi * dw).sum() for gi, dw in zip(g, grads))
-                for a, d in zip(acc, torch.autograd.grad(z, ctx.gates.parameters())):
-                    a.add_(d)
-    elif hvp == "finite_difference":
-        if any(w.dtype not in (torch.float32, torch.float64) for w in weights):
-            raise ValueError(
-                "hvp: finite_difference needs float32/float64 weights (a step of h/‖g‖ vanishes in bf16/fp16): "
-                "score a float32 copy or use hvp: exact"
-            )
-        g_norm = math.sqrt(sum(float((gi.double() ** 2).sum()) for gi in g))
-        if g_norm == 0.0:
-            raise FloatingPointError("the weight gradient is zero on the calibration batches: nothing to score")
-        eps = fd_step / g_norm
-        originals = [w.detach().clone() for w in weights]
-        try:
-            for batch in ctx.iter_batches("H·g (finite difference)"):
-                sides = []
-                for sign in (1.0, -1.0):
-                    with torch.no_grad():
-                        for w, w0, gi in zip(weights, originals, g):
-                            w.copy_(w0 + sign * eps * gi)
-                    sides.append(_gate_grads(ctx, ctx.loss_fn(ctx.model, batch)))
-                for a, plus, minus in zip(acc, *sides):
-                    a.add_((plus - minus) / (2 * eps))
-        finally:
-            with torch.no_grad():
-                for w, w0 in zip(weights, originals):
-                    w.copy_(w0)
-    else:
-        raise ValueError(f"hvp must be 'exact' or 'finite_difference', got {hvp!r}")
+    # fused SDPA kernels (flash / memory-efficient) have no double backward; the math path has
+    with sdpa_kernel(SDPBackend.MATH):
+        for batch in ctx.iter_batches("H·g (exact)"):
+            grads = torch.autograd.grad(ctx.loss_fn(ctx.model, batch), weights, create_graph=True)
+            z = sum((gi * dw).sum() for gi, dw in zip(g, grads))
+            for a, d in zip(acc, torch.autograd.grad(z, ctx.gates.parameters())):
+                a.add_(d)
     return ctx.reduce_all(acc)
 
 
