@@ -227,6 +227,8 @@ class RunConfig(_Strict):
     tracking: bool = True
     tracking_uri: str | None = None
     tracking_fallback_local: bool = False
+    # a name in the MLflow Model Registry: the final model (an MLflow Logged Model either way) becomes a new version of it
+    register_model: str | None = None
     # how long a rank waits in a collective (scoring all-reduce, a DDP step) before failing: a hung or stopped
     # peer then ends the job with an error instead of the 30-minute default
     collective_timeout_s: int = Field(600, ge=10)

@@ -298,7 +298,8 @@ class Job:
                 final_dir = self.out / "model"
                 acc.unwrap_model(self.model).save_pretrained(final_dir, state_dict=state_dict)
                 self.prepared.tokenizer.save_pretrained(final_dir)
-                self.tracker.log_model_dir(final_dir, "model")
+                self.tracker.log_model_dir(final_dir, "model", registered_model_name=self.cfg.register_model,
+                                           step=self.state.step)
         history = self.state.history
         self.tracker.log_figure(plot_loss_curves({"train": [(h["step"], h["train_loss"]) for h in history if "train_loss" in h],
                                                   "validation": [(h["step"], h["val_loss"]) for h in history if "val_loss" in h]}),

@@ -70,8 +70,8 @@ def test_two_rank_accelerate_run_tracks_everything(tmp_path, reference):
     losses = [m.value for m in client.get_metric_history(run.info.run_id, "train/loss")]
     assert len(losses) == 6 and losses[-1] < losses[0]
     artifacts = artifact_paths(client, run.info.run_id)
-    assert {"plan.json", "scores/scores.safetensors", "kept_units.png", "loss_curves.png", "model/config.json",
-            "model/model.safetensors"} <= artifacts
+    assert {"plan.json", "scores/scores.safetensors", "kept_units.png", "loss_curves.png"} <= artifacts
+    assert len(run.outputs.model_outputs) == 1, "the final model is an MLflow Logged Model of the run"
 
     # Llama with a uniform layout: plain transformers loads the saved model, same logits as earlycrop's loader
     plain = AutoModelForCausalLM.from_pretrained(out / "model", dtype=torch.float64).eval()

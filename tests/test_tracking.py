@@ -321,7 +321,8 @@ def test_mlflow_roundtrip_sqlite(tmp_path):
     ]
     for name, fig in zip(("kept_units", "loss", "scores"), figs):
         tracker.log_figure(fig, f"plots/{name}.png")
-    tracker.log_model_dir(model_dir)
+    with pytest.warns(TrackingWarning, match="as plain run artifacts under model/"):  # no Hugging Face model
+        tracker.log_model_dir(model_dir)
     tracker.log_artifact(model_dir / "config.json", "configs")
     assert tracker.pending == 0
     run_id = tracker.run_id

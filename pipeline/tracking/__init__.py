@@ -27,7 +27,8 @@ Modules: :mod:`.interface` (protocol, null tracker, errors), :mod:`.uris` (where
 lock, the health check), :mod:`.values` (keys and values within MLflow's limits),
 :mod:`.operations` (the one operation applier), :mod:`.mlflow_client` (tracker and retry queue),
 :mod:`.backlog` (JSONL backlog and replay), :mod:`.factory` (:func:`create_tracker`), :mod:`.names`
-(metric sections such as ``train/loss``, run names that say what a run is).
+(metric sections such as ``train/loss``, run names that say what a run is), :mod:`.models` (the final model
+as an MLflow Logged Model: transformers flavor, or a python model through ``earlycrop.from_pretrained``).
 """
 
 from __future__ import annotations

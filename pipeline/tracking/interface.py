@@ -7,6 +7,27 @@ from collections.abc import Mapping
 from typing import Any, Protocol, runtime_checkable
 
 
+# MLflow error codes that a retry cannot fix (bad key, changed param value, ...).
+PERMANENT_ERROR_CODES = frozenset(
+    {
+        "INVALID_PARAMETER_VALUE",
+        "BAD_REQUEST",
+        "MALFORMED_REQUEST",
+        "RESOURCE_ALREADY_EXISTS",
+        "INVALID_STATE",
+        "PERMISSION_DENIED",
+        "UNAUTHENTICATED",
+        "CUSTOMER_UNAUTHORIZED",
+    }
+)
+
+
+def is_permanent(exc: BaseException) -> bool:
+    """Whether MLflow rejected the request itself (retrying would fail the same way)."""
+    code = getattr(exc, "error_code", None)
+    return isinstance(code, str) and code in PERMANENT_ERROR_CODES
+
+
 class TrackingUnavailableError(RuntimeError):
     """The tracking backend cannot be reached or used when the run starts."""
 
@@ -37,7 +58,8 @@ class Tracker(Protocol):
 
     def log_figure(self, fig: Any, file_name: str) -> None: ...
 
-    def log_model_dir(self, path: str | os.PathLike, artifact_path: str = "model") -> None: ...
+    def log_model_dir(self, path: str | os.PathLike, artifact_path: str = "model", *,
+                      registered_model_name: str | None = None, step: int = 0) -> None: ...
 
     def close(self, status: str = "FINISHED") -> None: ...
 
@@ -71,7 +93,8 @@ class NullTracker:
     def log_figure(self, fig: Any, file_name: str) -> None:
         pass
 
-    def log_model_dir(self, path: str | os.PathLike, artifact_path: str = "model") -> None:
+    def log_model_dir(self, path: str | os.PathLike, artifact_path: str = "model", *,
+                      registered_model_name: str | None = None, step: int = 0) -> None:
         pass
 
     def close(self, status: str = "FINISHED") -> None:

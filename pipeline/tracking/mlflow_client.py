@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .backlog import BACKLOG_FILE_NAME, write_backlog
-from .interface import TrackingUnavailableError, TrackingWarning
+from .interface import TrackingUnavailableError, TrackingWarning, is_permanent
 from .names import metric_name
 from .operations import Operation, apply_operation
 from .uris import check_server_reachable, create_in_store, sqlite_artifact_location
@@ -29,21 +29,6 @@ PENDING_DIR_NAME = "tracking_pending"  # staged artifacts whose upload is still 
 # attempt is one immediate retry (e.g. a stale keep-alive connection) with a 10 s socket timeout.
 DEFAULT_HTTP_TIMEOUT = 10
 DEFAULT_HTTP_RETRIES = 1
-
-# MLflow error codes that a retry cannot fix (bad key, changed param value, ...).
-PERMANENT_ERROR_CODES = frozenset(
-    {
-        "INVALID_PARAMETER_VALUE",
-        "BAD_REQUEST",
-        "MALFORMED_REQUEST",
-        "RESOURCE_ALREADY_EXISTS",
-        "INVALID_STATE",
-        "PERMISSION_DENIED",
-        "UNAUTHENTICATED",
-        "CUSTOMER_UNAUTHORIZED",
-    }
-)
-
 
 @contextmanager
 def short_http_env(timeout: int = DEFAULT_HTTP_TIMEOUT, retries: int = DEFAULT_HTTP_RETRIES) -> Iterator[None]:
@@ -64,12 +49,6 @@ def short_http_env(timeout: int = DEFAULT_HTTP_TIMEOUT, retries: int = DEFAULT_H
     finally:
         for k in added:
             os.environ.pop(k, None)
-
-
-def is_permanent(exc: BaseException) -> bool:
-    """Whether MLflow rejected the request itself (retrying would fail the same way)."""
-    code = getattr(exc, "error_code", None)
-    return isinstance(code, str) and code in PERMANENT_ERROR_CODES
 
 
 class MLflowTracker:
@@ -196,13 +175,17 @@ class MLflowTracker:
         payload = {"local_path": str(p.resolve()), "artifact_path": artifact_path, "is_dir": p.is_dir()}
         self._submit(("artifact", {**payload, "staged": False}))
 
-    def log_model_dir(self, path: str | os.PathLike, artifact_path: str = "model") -> None:
+    def log_model_dir(self, path: str | os.PathLike, artifact_path: str = "model", *,
+                      registered_model_name: str | None = None, step: int = 0) -> None:
+        """The saved model folder as an MLflow Logged Model named `artifact_path`, linked to the metrics of `step`
+        and registered under `registered_model_name` if given (pipeline.tracking.models says which flavor)."""
         p = Path(path)
         if not p.is_dir():
             warnings.warn(f"tracking: model dir {p} is not a directory; skipped", TrackingWarning, stacklevel=2)
             return
-        payload = {"local_path": str(p.resolve()), "artifact_path": artifact_path, "is_dir": True, "staged": False}
-        self._submit(("artifact", payload))
+        payload = {"local_path": str(p.resolve()), "artifact_path": artifact_path,
+                   "registered_model_name": registered_model_name, "step": int(step)}
+        self._submit(("model", payload))
 
     def log_dict(self, obj: Any, file_name: str) -> None:
         """Write ``obj`` as JSON (or YAML for ``.yaml``/``.yml``) to artifact ``file_name``."""

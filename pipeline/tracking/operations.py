@@ -10,6 +10,7 @@ An operation is ``(kind, payload)`` with a JSON-serialisable payload (it may go 
 * ``("metrics",   {"metrics": [{"key", "value", "timestamp", "step"}]})``
 * ``("tags",      {"tags": {key: value}})``
 * ``("artifact",  {"local_path": str, "artifact_path": str | None, "is_dir": bool, "staged": bool})``
+* ``("model",     {"local_path": str, "artifact_path": str, "registered_model_name": str | None, "step": int})``
 * ``("terminate", {"status": str, "end_time": int})``
 """
 
@@ -21,18 +22,19 @@ from pathlib import Path
 from typing import Any
 
 from .interface import TrackingWarning
+from .models import log_logged_model
 from .values import MAX_METRICS_PER_BATCH, MAX_PARAMS_TAGS_PER_BATCH
 
 Operation = tuple[str, dict[str, Any]]
 
-OPERATION_KINDS = frozenset({"params", "metrics", "tags", "artifact", "terminate"})
+OPERATION_KINDS = frozenset({"params", "metrics", "tags", "artifact", "model", "terminate"})
 
 
 def apply_operation(client: Any, run_id: str, kind: str, payload: Mapping[str, Any]) -> None:
     """Send one operation to run ``run_id`` through ``client`` (an ``MlflowClient``); failures raise.
 
     Lists longer than mlflow's per-request limits go out in several ``log_batch`` calls. An
-    artifact whose local file no longer exists is skipped with a :class:`TrackingWarning`.
+    artifact or model whose local files no longer exist is skipped with a :class:`TrackingWarning`.
     """
     from mlflow.entities import Metric, Param, RunTag
 
@@ -43,11 +45,13 @@ def apply_operation(client: Any, run_id: str, kind: str, payload: Mapping[str, A
     elif kind == "metrics":
         metrics = [Metric(m["key"], m["value"], m["timestamp"], m["step"]) for m in payload["metrics"]]
         _log_batches(client, run_id, "metrics", metrics)
+    elif kind in ("artifact", "model") and not Path(payload["local_path"]).exists():
+        warnings.warn(f"tracking: {kind} {payload['local_path']} no longer exists; skipped", TrackingWarning, stacklevel=2)
+    elif kind == "model":
+        log_logged_model(client, run_id, payload)
     elif kind == "artifact":
         local = payload["local_path"]
-        if not Path(local).exists():
-            warnings.warn(f"tracking: artifact {local} no longer exists; skipped", TrackingWarning, stacklevel=2)
-        elif payload["is_dir"]:
+        if payload["is_dir"]:
             client.log_artifacts(run_id, local, payload["artifact_path"])
         else:
             client.log_artifact(run_id, local, payload["artifact_path"])
