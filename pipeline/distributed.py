@@ -12,6 +12,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import resource
+import sys
 from contextlib import contextmanager
 from datetime import timedelta
 
@@ -208,3 +210,29 @@ def quiet_expected_tied_weights(model: nn.Module) -> None:
         target = logging.getLogger("accelerate.utils.other")
         if not any(isinstance(f, TiedWeightsNote) for f in target.filters):
             target.addFilter(TiedWeightsNote())
+
+
+def peak_memory_bytes() -> int:
+    """This process's peak memory so far: the CUDA allocator's most allocated bytes on a GPU, peak RSS on CPU."""
+    if torch.cuda.is_available():
+        return int(torch.cuda.max_memory_allocated())
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB, macOS bytes
+
+
+def peak_memory_per_rank() -> list[int]:
+    """Every rank's `peak_memory_bytes`, in rank order, on every rank (an all_gather of one int64 per rank):
+    a collective, so every rank must call it."""
+    size = world()[1]
+    if size == 1:
+        return [peak_memory_bytes()]
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    mine = torch.tensor([peak_memory_bytes()], dtype=torch.int64, device=device)
+    gathered = [torch.zeros_like(mine) for _ in range(size)]
+    dist.all_gather(gathered, mine)
+    return [int(t.item()) for t in gathered]
+
+
+def describe_peak_memory(peaks: list[int]) -> str:
+    """One line for the logs: `peak memory per rank: 0: 1.2 GB, 1: 1.1 GB` (decimal GB)."""
+    return "peak memory per rank: " + ", ".join(f"{rank}: {peak / 1e9:.1f} GB" for rank, peak in enumerate(peaks))

@@ -17,7 +17,7 @@ import earlycrop
 from . import data as data_lib
 from . import scoring
 from .config import PruneCommandConfig
-from .distributed import check_same_on_all_ranks, init_process_group, world
+from .distributed import check_same_on_all_ranks, describe_peak_memory, init_process_group, peak_memory_per_rank, world
 from .modeling import check_model_folder, check_seq_len, load_model_tokenizer
 from .outputs import check_prune_out, disk_errors, staged_folder
 
@@ -112,6 +112,9 @@ def prune_model(cmd: PruneCommandConfig) -> None:
         if rank == 0 and objective == "self":
             print("scoring on the model's own predictions (--objective self): no labels needed")
         scores = scoring.score(model, recipe, batches, progress=rank == 0)
+        peaks = peak_memory_per_rank()  # scoring's peak on every rank (a collective: every rank gathers)
+        if rank == 0:
+            print(describe_peak_memory(peaks))
         meta = {"criterion": recipe.criterion, "objective": objective, "batches": cmd.batches}
         plan = earlycrop.make_plan(model, scores, selection, meta=meta)
         check_same_on_all_ranks(plan.to_json(), "pruning plan")
