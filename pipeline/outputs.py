@@ -42,7 +42,7 @@ TRAINED_TOKENIZER = "tokenizer"  # a from-scratch run trains its tokenizer here
 RESUMABLE_FIELDS = (
     "train.max_steps", "train.eval_every", "train.eval_batches", "train.log_every", "train.checkpoint_every",
     "train.keep_checkpoints", "tracking", "tracking_uri", "tracking_fallback_local", "experiment", "run_name",
-    "output_dir",
+    "output_dir", "register_model", "collective_timeout_s",
 )
 
 _STAGING = ".earlycrop-staging-"  # a save in progress (complete or absent, never half)
