@@ -335,7 +335,8 @@ def run_case(base: torch.nn.Module, case: Case, device: str) -> Case:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
     shape = ModelShape.from_model(model)
     setup = TrainingSetup(precision=case.precision, optimizer="adamw", micro_batch=case.micro_batch,
-                          seq_len=case.seq_len, activation_checkpointing=case.checkpointing, device=device)
+                          seq_len=case.seq_len, activation_checkpointing=case.checkpointing, device=device,
+                          attention="eager")  # build_base's models run eager attention
     est = estimate_memory(shape, setup)
     case.params = sum(p.numel() for p in model.parameters())
     case.est = dict(weights=est.weights, gradients=est.gradients, optimizer=est.optimizer,
@@ -394,8 +395,6 @@ def build_base(make, layout: str, seed: int = 0) -> tuple[torch.nn.Module, dict]
 
 def run(args) -> str:
     device = args.device
-    if device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: torch sees no CUDA device")
     threads = args.threads or os.cpu_count()
     torch.set_num_threads(threads)
     transformers.logging.set_verbosity_error()
@@ -493,7 +492,7 @@ def report(args, device, cases, prune_info, shapes, threads, elapsed, load_start
                  "fallback (a bf16 forward + backward of the GPT-2 at 4 × 256 took ~41 s against ~2 s in fp32)."
                  if device == "cpu" and shapes.get("bf16") != shapes.get("fp32") else "."))
     L.append(f"- Estimate: `estimate_memory(ModelShape.from_model(model), TrainingSetup(precision, \"adamw\", micro_batch, "
-             f"seq_len, activation_checkpointing, device=\"{device}\"))`. ckpt = "
+             f"seq_len, activation_checkpointing, device=\"{device}\", attention=\"eager\"))`. ckpt = "
              "`model.activation_checkpointing_enable(activation_checkpointing_kwargs={\"use_reentrant\": True})`, every "
              "layer checkpointed (`gradient_checkpointing_enable` is its deprecated alias in transformers 5; reentrant "
              "so that the saved-tensor hooks see the recomputation; the peaks are measured with it too; HF's default, "
@@ -651,6 +650,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--write", action=argparse.BooleanOptionalAction, default=None,
                     help="write the section into --results (default: yes for the full run, no for --quick)")
     args = ap.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():  # before any model is built: one line, status 1
+        why = "a CPU-only build" if torch.version.cuda is None else "torch.cuda.is_available() is False"
+        raise SystemExit(f"bench_memory.py: error: --device cuda needs a CUDA GPU and torch {torch.__version__} sees "
+                         f"none ({why}); run it on a GPU machine or use --device cpu")
     section = run(args)
     print()
     print(section)

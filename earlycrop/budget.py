@@ -10,11 +10,14 @@ A `Budget` is what the user has, written as text:
 
 `fit_to_budget(model, scores, base, setup, budget)` finds the SMALLEST fraction removed whose plan fits:
 
-- The plan is always made by `make_plan` (so layout, `round_to` and the GQA rule are respected) and measured on
-  `ModelShape.from_model(model).with_counts(**plan.counts())`: memory per GPU is `estimate_memory` under the setup's
-  precision / optimizer / micro batch / sequence length / checkpointing / ZeRO stage, with `num_gpus` taken from the
-  budget (the budget's count wins over `setup.num_gpus`); it must be ≤ the GPU size × (1 − headroom). Parameter and
-  FLOP budgets compare `num_params()` and `flops_per_token(setup.seq_len)`.
+- The search runs on the dense `ModelShape` alone: at each ratio it counts the units `make_plan` would keep per
+  layer (uniform: closed form, the same rounding to GQA groups / `round_to` multiples; global: one ranking of all
+  layers, sorted once) and measures `shape.with_counts(...)`: memory per GPU is `estimate_memory` under the setup's
+  precision / optimizer / micro batch / sequence length / checkpointing / attention / ZeRO stage, with `num_gpus`
+  taken from the budget (the budget's count wins over `setup.num_gpus`); it must be ≤ the GPU size × (1 −
+  headroom). Parameter and FLOP budgets compare `num_params()` and `flops_per_token(setup.seq_len)`. Only the result becomes a
+  `Plan`: `make_plan` on the model, or, given a `ModelShape` (and its config for the saveability check), the plan
+  the placeholder scores give, built from the counts; no module is built either way.
 - One ratio r drives the search. `search="both"` (the default) removes the fraction r of the heads AND of the MLP
   neurons; each kind is capped at its own most pruned valid ratio (uniform: one GQA group or `round_to` multiple
   left per layer), so MLP pruning can go on after the heads hit their floor. `search="mlp"` keeps `base.heads` fixed
@@ -52,14 +55,15 @@ from __future__ import annotations
 import copy
 import math
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
 import torch
 from torch import nn
+from transformers import PretrainedConfig
 
-from .families import architecture_class, get_adapter
+from .families import FAMILIES, architecture_class, get_adapter
 from .memory import (
     MemoryEstimate,
     ModelShape,
@@ -71,12 +75,15 @@ from .memory import (
     parse_memory,
 )
 from .scores import Scores
-from .select import Plan, SelectionConfig, head_unit_multiple, make_plan, selectable_head_units
+from .select import Plan, SelectionConfig, make_plan
 
 BudgetKind = Literal["memory", "params", "flops"]
 Search = Literal["both", "heads", "mlp"]
 
 RESOLUTION = 1e-9  # bisection stops when the ratio interval is this narrow
+# fraction of every GPU a plan leaves free for what the memory model does not count: the CUDA context (0.3-1 GiB),
+# allocator fragmentation, NCCL and DeepSpeed communication buffers; `earlycrop plan` and `target.headroom` default
+DEFAULT_HEADROOM = 0.08
 
 BUDGET_SYNTAX = (
     "write a GPU budget as '24GB x 1' or '80GiB × 8' (memory per GPU × GPUs), a parameter budget as "
@@ -202,23 +209,28 @@ def model_skeleton(path: str | Path, *, task: str | None = None, num_labels: int
     return model
 
 
-def placeholder_scores(model: nn.Module) -> Scores:
+def placeholder_scores(model: nn.Module | ModelShape) -> Scores:
     """Scores for a shape-only search: within every layer, unit j of n scores 1 − (j + ½)/n, so every layer is ranked
     alike and a global ranking keeps the same fraction of every layer (uniform plans do not depend on scores)."""
-    layers = get_adapter(model).layers(model)
+    if isinstance(model, ModelShape):
+        heads, neurons = model.heads, model.intermediate
+    else:
+        layers = get_adapter(model).layers(model)
+        heads, neurons = [l.num_heads for l in layers], [l.intermediate_size for l in layers]
 
     def ramp(n: int) -> torch.Tensor:
         return 1.0 - (torch.arange(n, dtype=torch.float64) + 0.5) / n
 
-    return Scores(heads=[ramp(l.num_heads) for l in layers], neurons=[ramp(l.intermediate_size) for l in layers])
+    return Scores(heads=[ramp(n) for n in heads], neurons=[ramp(n) for n in neurons])
 
 
-def plan_config_error(model: nn.Module, plan: Plan) -> str | None:
+def plan_config_error(model: nn.Module | PretrainedConfig, plan: Plan) -> str | None:
     """Why transformers would refuse the pruned config (e.g. hidden_size not a multiple of the kept heads), or None.
-    The config is copied and described as surgery would describe it; the model is not touched."""
-    config = copy.deepcopy(model.config)
+    `model` is the model or just its config (a shape-only search has no model); the config is copied and described
+    as surgery would describe it."""
+    config = copy.deepcopy(model.config if isinstance(model, nn.Module) else model)
     counts = plan.counts()
-    get_adapter(model).describe_layout(config, counts["heads"], counts["kv_heads"], counts["neurons"])
+    FAMILIES[plan.family].describe_layout(config, counts["heads"], counts["kv_heads"], counts["neurons"])
     validate = getattr(config, "validate", None)
     if validate is None:
         return None
@@ -298,75 +310,124 @@ def format_measure(kind: str, x: float) -> str:
     return f"{_format_count(x)} FLOPs/token"
 
 
-def _max_ratio(model: nn.Module, base: SelectionConfig, kind: str) -> float:
-    """The most pruned valid ratio of one kind: uniform leaves one GQA group / `round_to` multiple per layer; global
-    keeps nothing in the ranking (every layer then keeps one multiple)."""
-    layers = get_adapter(model).layers(model)
-    if kind == "heads":
-        totals = [(selectable_head_units(l, base.gqa), head_unit_multiple(l, base.gqa)) for l in layers]
-    else:
-        totals = [(l.intermediate_size, min(base.round_to, l.intermediate_size)) for l in layers]
-    if base.layout == "uniform":
-        return max(0.0, min(1.0 - m / u for u, m in totals))
-    return 1.0 - 0.25 / sum(u for u, _ in totals)
+class _Units:
+    """One kind of unit (head units or MLP neurons) of every layer, counted as `make_plan` selects them but from the
+    shape alone: per-layer totals, the multiple kept counts come in, and for the global layout the ranking over all
+    layers (sorted once, so a ratio's counts cost one pass instead of a plan)."""
+
+    def __init__(self, kind: str, totals: list[int], multiples: list[int], layout: str, scores: list[torch.Tensor]):
+        self.kind, self.totals, self.multiples, self.layout = kind, totals, multiples, layout
+        if layout == "global":
+            flat = torch.cat([s.double().cpu() for s in scores])
+            self.order = torch.sort(-flat, stable=True).indices  # make_plan's ranking: ties keep the lower index
+            self.layer_of = torch.repeat_interleave(torch.arange(len(totals)), torch.tensor(totals))
+
+    def max_ratio(self) -> float:
+        """The most pruned valid ratio: uniform leaves one multiple per layer; global keeps nothing in the ranking
+        (every layer then keeps one multiple)."""
+        if self.layout == "uniform":
+            return max(0.0, min(1.0 - min(m, u) / u for u, m in zip(self.totals, self.multiples)))
+        return 1.0 - 0.25 / sum(self.totals)
+
+    def keep(self, ratio: float) -> list[int]:
+        """Kept units per layer when the fraction `ratio` is removed (make_plan's rounding)."""
+        if ratio == 0:
+            return list(self.totals)
+        if self.layout == "uniform":
+            kept = [m * round(u * (1.0 - ratio) / m) for u, m in zip(self.totals, self.multiples)]
+            for layer, (k, u, m) in enumerate(zip(kept, self.totals, self.multiples)):
+                if k <= 0:
+                    raise ValueError(
+                        f"{self.kind}={ratio} would empty layer {layer} ({u} units, kept in multiples of {m}); "
+                        f"use a ratio of at most {1 - m / u:.4g}"
+                    )
+            return [min(k, u) for k, u in zip(kept, self.totals)]
+        keep_total = round(len(self.order) * (1.0 - ratio))
+        if keep_total >= len(self.order):
+            return list(self.totals)
+        ranked = torch.bincount(self.layer_of[self.order[:keep_total]], minlength=len(self.totals)).tolist()
+        return [min(u, max(m, m * round(k / m))) for k, u, m in zip(ranked, self.totals, self.multiples)]
+
+    def removes_nothing(self, ratio: float, kept: list[int]) -> bool:
+        return ratio > 0 and sum(kept) >= sum(self.totals)
+
+    def nothing_error(self, ratio: float) -> ValueError:
+        smallest = min(m / u for m, u in zip(self.multiples, self.totals))
+        return ValueError(
+            f"{self.kind}={ratio} removes nothing: counts are kept in multiples of {self.multiples[0]} of "
+            f"{max(self.totals)} units per layer (GQA groups / rounding); a ratio of at least {smallest:.4g} "
+            "removes some"
+        )
+
+
+Counts = tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]  # kept heads, key/value heads, neurons per layer
 
 
 class _Searcher:
-    def __init__(self, model, scores, base, setup, budget, search, headroom, require_saveable):
-        self.model, self.scores, self.base, self.setup, self.budget = model, scores, base, setup, budget
-        self.search = search
-        self.require_saveable = require_saveable
-        self.dense_shape = model_shape(model)
-        self.hmax = _max_ratio(model, base, "heads")
-        self.mmax = _max_ratio(model, base, "mlp")
+    """Bisection over the ratio on the dense `ModelShape` alone: kept counts from `_Units`, measures from the memory
+    model; no model is built or planned until the result. `model` (None for a shape-only search) makes the returned
+    plan with `make_plan`; `source` (the model or its config, None: no config at hand) checks saveability."""
+
+    def __init__(self, shape, model, scores, base, setup, budget, search, headroom, source, require_saveable):
+        self.dense_shape, self.model, self.scores, self.base, self.setup = shape, model, scores, base, setup
+        self.budget, self.search, self.source, self.require_saveable = budget, search, source, require_saveable
+        # make_plan's head units: key/value groups (no GQA, or gqa=group), else query heads in multiples of the groups
+        self.grouped = [h == kv or base.gqa == "group" for h, kv in zip(shape.heads, shape.kv_heads)]
+        layers = list(zip(shape.heads, shape.kv_heads, self.grouped))
+        head_scores = [s.double().reshape(kv, h // kv).sum(1) if g else s.double()
+                       for s, (h, kv, g) in zip(scores.heads, layers)]
+        self.units = {
+            "heads": _Units("heads", [kv if g else h for h, kv, g in layers], [1 if g else kv for h, kv, g in layers],
+                            base.layout, head_scores),
+            "mlp": _Units("mlp", list(shape.intermediate), [base.round_to] * shape.num_layers, base.layout,
+                          scores.neurons),
+        }
+        self.hmax, self.mmax = self.units["heads"].max_ratio(), self.units["mlp"].max_ratio()
         self.rmax = {"both": max(self.hmax, self.mmax), "heads": self.hmax, "mlp": self.mmax}[search]
         if budget.kind == "memory":
             self.limit = parse_memory(int(budget.limit)) * (1.0 - headroom)
         else:
             self.limit = float(budget.limit)
         self.evaluations = 0
-        self._cache: dict[float, tuple] = {}
-
-    def ratios(self, r: float) -> tuple[float, float]:
-        h = min(r, self.hmax) if self.search in ("both", "heads") else self.base.heads
-        m = min(r, self.mmax) if self.search in ("both", "mlp") else self.base.mlp
-        return h, m
+        self._cache: dict[float, tuple[Counts, SelectionConfig]] = {}
+        self._plans: dict[Counts, Plan] = {}
 
     def selection(self, r: float) -> SelectionConfig:
-        h, m = self.ratios(r)
+        h = min(r, self.hmax) if self.search in ("both", "heads") else self.base.heads
+        m = min(r, self.mmax) if self.search in ("both", "mlp") else self.base.mlp
         return SelectionConfig(h, m, self.base.layout, self.base.round_to, self.base.gqa)
 
-    def plan(self, r: float) -> tuple[Plan, SelectionConfig]:
-        """make_plan at ratio r; a searched ratio too small to remove one unit is the same plan as ratio 0."""
+    def plan(self, r: float) -> tuple[Counts, SelectionConfig]:
+        """Kept counts at ratio r and the selection make_plan turns into them: a searched kind whose ratio removes
+        nothing is the same plan as its ratio 0; a fixed one that removes nothing is the user's setting, an error."""
         if r in self._cache:
             return self._cache[r]
         sel = self.selection(r)
-        searched = {"both": ("heads", "mlp"), "heads": ("heads",), "mlp": ("mlp",)}[self.search]
-        attempts = [sel]
-        for kinds in ([k] for k in searched):
-            attempts.append(replace(sel, **{k: 0.0 for k in kinds}))
-        if len(searched) == 2:
-            attempts.append(replace(sel, heads=0.0, mlp=0.0))
-        error = None
-        for attempt in attempts:
-            try:
-                plan = make_plan(self.model, self.scores, attempt)
-            except ValueError as exc:
-                if "removes nothing" not in str(exc):
-                    raise
-                error = error or exc
-                continue
-            self.evaluations += 1
-            self._cache[r] = (plan, attempt)
-            return plan, attempt
-        raise error  # a fixed ratio that removes nothing: the user's own setting
+        narrowest = min(self.dense_shape.intermediate)
+        if sel.mlp > 0 and self.base.round_to > narrowest:
+            raise ValueError(
+                f"round_to={self.base.round_to} is larger than a layer's {narrowest} MLP neurons; "
+                f"use round_to <= {narrowest}"
+            )
+        kept = {}
+        for kind, units in self.units.items():
+            ratio = getattr(sel, kind)
+            kept[kind] = units.keep(ratio)
+            if units.removes_nothing(ratio, kept[kind]):
+                if self.search not in ("both", kind):
+                    raise units.nothing_error(ratio)
+                sel = replace(sel, **{kind: 0.0})
+        layers = zip(kept["heads"], self.dense_shape.heads, self.dense_shape.kv_heads, self.grouped)
+        q, kv = zip(*[(u * (h // k), u) if g else (u, k) for u, h, k, g in layers])
+        self.evaluations += 1
+        self._cache[r] = ((q, kv, tuple(kept["mlp"])), sel)
+        return self._cache[r]
 
-    def counts(self, r: float) -> tuple:
-        c = self.plan(r)[0].counts()
-        return tuple(tuple(c[k]) for k in ("heads", "kv_heads", "neurons"))
+    def counts(self, r: float) -> Counts:
+        return self.plan(r)[0]
 
-    def shape(self, plan: Plan) -> ModelShape:
-        return self.dense_shape.with_counts(**plan.counts())
+    def shape(self, counts: Counts) -> ModelShape:
+        return self.dense_shape.with_counts(*counts)
 
     def measure(self, shape: ModelShape) -> tuple[float, MemoryEstimate | None]:
         if self.budget.kind == "memory":
@@ -377,12 +438,24 @@ class _Searcher:
         return float(shape.flops_per_token(self.setup.seq_len)), None
 
     def fits(self, r: float) -> bool:
-        return self.measure(self.shape(self.plan(r)[0]))[0] <= self.limit
+        return self.measure(self.shape(self.counts(r)))[0] <= self.limit
+
+    def full_plan(self, r: float) -> Plan:
+        """The Plan at ratio r: make_plan on the model with its scores, or for a shape alone the plan of the
+        placeholder ranking, built from the counts (every layer keeps its lowest indices, as make_plan would)."""
+        counts, sel = self.plan(r)
+        if counts not in self._plans:
+            if self.model is not None:
+                self._plans[counts] = make_plan(self.model, self.scores, sel)
+            else:
+                self._plans[counts] = _placeholder_plan(self.dense_shape, counts, sel)
+        return self._plans[counts]
+
+    def config_error(self, r: float) -> str | None:
+        return None if self.source is None else plan_config_error(self.source, self.full_plan(r))
 
     def saveable_error(self, r: float) -> str | None:
-        if not self.require_saveable:
-            return None
-        return plan_config_error(self.model, self.plan(r)[0])
+        return self.config_error(r) if self.require_saveable else None
 
     def _plan_boundary(self, r: float, hi: float) -> tuple[float, float]:
         """Bisect (r, hi] to RESOLUTION: the last ratio with r's plan and the first with another."""
@@ -406,14 +479,17 @@ class _Searcher:
         nxt = self.next_plan(r)
         return self.rmax if nxt is None else self._plan_boundary(r, nxt)[0]
 
+    def removed(self, counts: Counts) -> tuple[float, float]:
+        """Fractions of the heads and of the MLP neurons that `counts` remove."""
+        dense = self.dense_shape
+        return 1.0 - sum(counts[0]) / sum(dense.heads), 1.0 - sum(counts[2]) / sum(dense.intermediate)
+
     def tidy(self, lo: float, r: float) -> float:
         """A readable ratio in (lo, end of r's plan] that gives r's plan: the fraction of heads or neurons the plan
         really removes or else the shortest decimal (0.5 rather than 0.49999999977), whichever is shorter."""
         here = self.counts(r)
         end = self.plan_end(r)
-        plan = self.plan(r)[0]
-        c = plan.counts()
-        removed = (1.0 - sum(c["heads"]) / sum(plan.dense_heads), 1.0 - sum(c["neurons"]) / sum(plan.dense_neurons))
+        removed = self.removed(here)
         for digits in range(1, 10):
             scale = 10**digits
             # the fraction really removed where it is this short, then the first decimal of this length above lo
@@ -425,18 +501,81 @@ class _Searcher:
                     return candidate
         return r
 
+    def run(self) -> tuple[float, float | None, list[dict]]:
+        """(the least pruned ratio that fits and whose plan is saveable, the largest ratio known not to fit or None,
+        the plans skipped in between because their config is refused). Raises ValueError when nothing fits."""
+        skipped: list[dict] = []
+        if self.fits(0.0) and self.saveable_error(0.0) is None:
+            return 0.0, None, skipped
+        if not self.fits(self.rmax):
+            raise ValueError(_refusal(self))
+        lo, hi, lo_fail = 0.0, self.rmax, None
+        if self.fits(0.0):  # the unpruned plan fits but its config is refused (a fixed ratio's plan)
+            hi = 0.0
+        else:
+            lo_fail = 0.0
+        while hi - lo > RESOLUTION:
+            mid = (lo + hi) / 2
+            if self.fits(mid):
+                hi = mid
+            else:
+                lo = lo_fail = mid
+        r = hi
+        # skip plans whose pruned config transformers refuses; every more pruned plan fits as well
+        while (err := self.saveable_error(r)) is not None:
+            skipped.append({"ratio": r, "counts": _counts_dict(self.counts(r)), "error": err})
+            nxt = self.next_plan(r)
+            if nxt is None:
+                raise ValueError(
+                    f"budget {self.budget}: every plan that fits is refused by transformers' config validation "
+                    f"({err}); try another round_to / gqa setting or layout"
+                )
+            lo, r = self.plan_end(r), nxt
+        return (self.tidy(lo, r) if r > 0 else r), lo_fail, skipped
 
-def _below(s: _Searcher, model: nn.Module, ratio: float | None) -> dict | None:
+
+def _counts_dict(counts: Counts) -> dict[str, list[int]]:
+    return {"heads": list(counts[0]), "kv_heads": list(counts[1]), "neurons": list(counts[2])}
+
+
+def _placeholder_plan(shape: ModelShape, counts: Counts, selection: SelectionConfig) -> Plan:
+    """What make_plan returns with `placeholder_scores`, from the counts: every layer keeps its lowest-index units
+    (the first heads of every key/value group, or the first groups when whole groups go; the first neurons)."""
+    heads, kv_heads = [], []
+    for q, kv, dense_q, dense_kv in zip(*counts[:2], shape.heads, shape.kv_heads):
+        size = dense_q // dense_kv
+        groups, per_group = (dense_kv, q // dense_kv) if kv == dense_kv else (kv, size)
+        heads.append([g * size + i for g in range(groups) for i in range(per_group)])
+        kv_heads.append(list(range(groups)))
+    return Plan(
+        family=shape.family, layout=selection.layout, heads=heads, kv_heads=kv_heads,
+        neurons=[list(range(n)) for n in counts[2]], dense_heads=list(shape.heads),
+        dense_kv_heads=list(shape.kv_heads), dense_neurons=list(shape.intermediate),
+        meta={"selection": asdict(selection), "scores": "placeholder"},
+    )
+
+
+def _below(s: _Searcher, ratio: float | None) -> dict | None:
     """The next less pruned plan (at the largest ratio known not to fit), as `BudgetResult.below` reports it."""
     if ratio is None:
         return None
-    plan, selection = s.plan(ratio)
-    return {"ratio": ratio, "heads": selection.heads, "mlp": selection.mlp, "value": s.measure(s.shape(plan))[0],
-            "counts": plan.counts(), "config_error": plan_config_error(model, plan)}
+    counts, selection = s.plan(ratio)
+    return {"ratio": ratio, "heads": selection.heads, "mlp": selection.mlp, "value": s.measure(s.shape(counts))[0],
+            "counts": _counts_dict(counts), "config_error": s.config_error(ratio)}
+
+
+def _check_scores(shape: ModelShape, scores: Scores) -> None:
+    if len(scores.heads) != shape.num_layers or len(scores.neurons) != shape.num_layers:
+        raise ValueError(f"scores cover {len(scores.heads)} layers but the model has {shape.num_layers}")
+    for i, (h, n, dense_h, dense_n) in enumerate(zip(scores.heads, scores.neurons, shape.heads, shape.intermediate)):
+        if h.numel() != dense_h or n.numel() != dense_n:
+            raise ValueError(
+                f"layer {i}: scores have {h.numel()} heads / {n.numel()} neurons, the model {dense_h} / {dense_n}"
+            )
 
 
 def fit_to_budget(
-    model: nn.Module,
+    model: nn.Module | ModelShape,
     scores: Scores | None,
     base: SelectionConfig,
     setup: TrainingSetup,
@@ -445,14 +584,17 @@ def fit_to_budget(
     search: Search = "both",
     headroom: float = 0.0,
     require_saveable: bool = True,
+    config: PretrainedConfig | None = None,
 ) -> BudgetResult:
     """The least pruned plan (smallest fraction removed) whose training fits `budget`; see the module docstring.
 
-    model: the dense (or already pruned) model; meta-device models work. scores: the criterion's scores, or None for
-    placeholders (shape only). base: layout, round_to and gqa of the plan (and the fixed ratio with `search="heads"` /
-    `"mlp"`; `target_params` must be unset: it is a budget of its own). setup: how the model trains; for a memory
-    budget its `num_gpus` is replaced by the budget's. headroom: fraction of each GPU kept free (CUDA context,
-    fragmentation, buffers the memory model leaves out). Raises ValueError when no valid plan fits."""
+    model: the dense (or already pruned) model, meta-device models included, or its `ModelShape` alone (then
+    `scores` must be None and `config`, the model's config, checks saveability; no module is built or touched).
+    scores: the criterion's scores, or None for placeholders (shape only). base: layout, round_to and gqa of the
+    plan (and the fixed ratio with `search="heads"` / `"mlp"`; `target_params` must be unset: it is a budget of its
+    own). setup: how the model trains; for a memory budget its `num_gpus` is replaced by the budget's. headroom:
+    fraction of each GPU kept free (CUDA context, fragmentation, buffers the memory model leaves out;
+    `DEFAULT_HEADROOM` is what the CLI and run configs use). Raises ValueError when no valid plan fits."""
     budget = Budget.parse(budget)
     if search not in ("both", "heads", "mlp"):
         raise ValueError(f"search={search!r}: choose 'both', 'heads' or 'mlp'")
@@ -460,69 +602,45 @@ def fit_to_budget(
         raise ValueError("SelectionConfig.target_params is a budget of its own: use a 'params<=N' budget instead")
     if not 0.0 <= headroom < 1.0:
         raise ValueError(f"headroom={headroom!r}: the fraction of GPU memory kept free must be in [0, 1)")
+    if isinstance(model, ModelShape):
+        if scores is not None:
+            raise ValueError("scores rank the units of a model: pass the model with its scores, not its ModelShape")
+        if require_saveable and config is None:
+            raise ValueError("a search on a ModelShape checks plans against the model's config: pass config= "
+                             "(e.g. AutoConfig.from_pretrained(folder)) or require_saveable=False")
+        shape, module, source = model, None, config
+    else:
+        shape, module, source = ModelShape.from_model(model), model, model
+    scores = scores if scores is not None else placeholder_scores(shape)
+    _check_scores(shape, scores)
     if budget.kind == "memory":
         setup = replace(setup, num_gpus=budget.num_gpus)
-    if scores is None:
-        scores = placeholder_scores(model)
-    s = _Searcher(model, scores, base, setup, budget, search, headroom, require_saveable)
-    dense_value, _ = s.measure(s.dense_shape)
-
-    skipped: list[dict] = []
-    lo_fail = None  # the largest ratio known not to fit: its plan is the next less pruned one
-    if s.fits(0.0) and s.saveable_error(0.0) is None:
-        r = 0.0
-    else:
-        if not s.fits(s.rmax):
-            raise ValueError(_refusal(s, dense_value))
-        lo, hi = 0.0, s.rmax
-        if s.fits(0.0):  # the unpruned plan fits but its config is refused (a fixed ratio's plan)
-            hi = 0.0
-        else:
-            lo_fail = 0.0
-        while hi - lo > RESOLUTION:
-            mid = (lo + hi) / 2
-            if s.fits(mid):
-                hi = mid
-            else:
-                lo = lo_fail = mid
-        r = hi
-        # skip plans whose pruned config transformers refuses; every more pruned plan fits as well
-        while (err := s.saveable_error(r)) is not None:
-            skipped.append({"ratio": r, "counts": s.plan(r)[0].counts(), "error": err})
-            nxt = s.next_plan(r)
-            if nxt is None:
-                raise ValueError(
-                    f"budget {budget}: every plan that fits is refused by transformers' config validation "
-                    f"({err}); try another round_to / gqa setting or layout"
-                )
-            lo, r = s.plan_end(r), nxt
-        if r > 0:
-            r = s.tidy(lo, r)
-    plan, selection = s.plan(r)
-    shape = s.shape(plan)
-    value, est = s.measure(shape)
-    if value > s.limit:  # the final check: the returned plan fits, never an overshoot
-        raise AssertionError(f"internal error: the chosen plan needs {value} > {s.limit}")
-    counts = plan.counts()
-    removed = {"heads": 1.0 - sum(counts["heads"]) / sum(plan.dense_heads),
-               "mlp": 1.0 - sum(counts["neurons"]) / sum(plan.dense_neurons)}
+    s = _Searcher(shape, module, scores, base, setup, budget, search, headroom, source, require_saveable)
+    r, lo_fail, skipped = s.run()
+    counts, selection = s.plan(r)
+    plan = s.full_plan(r)
+    value, est = s.measure(s.shape(counts))
+    if value > s.limit or plan.counts() != _counts_dict(counts):  # the final check: never an overshoot
+        raise AssertionError(f"internal error: the chosen plan {plan.counts()} needs {value} > {s.limit}, or differs "
+                             f"from the searched counts {_counts_dict(counts)}")
+    removed = dict(zip(("heads", "mlp"), s.removed(counts)))
     plan.meta["budget"] = {"budget": str(budget), "kind": budget.kind, "limit": s.limit, "value": value, "ratio": r,
                            "search": search, "headroom": headroom}
     return BudgetResult(
-        budget=budget, plan=plan, selection=selection, ratio=r, removed=removed, value=value, dense_value=dense_value,
-        limit=s.limit, setup=setup, shape=shape, dense_shape=s.dense_shape, memory=est, below=_below(s, model, lo_fail),
-        skipped_unsaveable=skipped, evaluations=s.evaluations,
+        budget=budget, plan=plan, selection=selection, ratio=r, removed=removed, value=value,
+        dense_value=s.measure(shape)[0], limit=s.limit, setup=setup, shape=s.shape(counts), dense_shape=shape,
+        memory=est, below=_below(s, lo_fail), skipped_unsaveable=skipped, evaluations=s.evaluations,
     )
 
 
-def _refusal(s: _Searcher, dense_value: float) -> str:
-    plan, sel = s.plan(s.rmax)
-    shape = s.shape(plan)
+def _refusal(s: _Searcher) -> str:
+    counts, sel = s.plan(s.rmax)
+    shape = s.shape(counts)
     value, est = s.measure(shape)
-    c = plan.counts()
+    dense_value = s.measure(s.dense_shape)[0]
     most = (
-        f"the most pruned valid plan (heads={sel.heads:.4g}, mlp={sel.mlp:.4g}: {c['heads'][0]} heads, "
-        f"{c['neurons'][0]} MLP neurons in layer 0, {shape.num_params():,} parameters)"
+        f"the most pruned valid plan (heads={sel.heads:.6g}, mlp={sel.mlp:.6g}: {counts[0][0]} heads, "
+        f"{counts[2][0]} MLP neurons in layer 0, {shape.num_params():,} parameters)"
     )
     budget = s.budget
     if budget.kind != "memory":
@@ -654,8 +772,8 @@ class BudgetReport:
         width = max(len(label) for label, _ in rows) + 2
         colw = max([14] + [len(v) + 2 for _, vs in rows for v in vs])
         lines = [
-            f"{st.precision}, {st.optimizer}, micro batch {st.micro_batch} × {st.seq_len} tokens, "
-            f"activation checkpointing {'on' if st.activation_checkpointing else 'off'}",
+            f"{st.precision}, {st.optimizer}, micro batch {st.micro_batch} × {st.seq_len} tokens, {st.attention} "
+            f"attention, activation checkpointing {'on' if st.activation_checkpointing else 'off'}",
             "".ljust(width) + "".join(c.rjust(colw) for c in cols),
         ]
         lines += [label.ljust(width) + "".join(v.rjust(colw) for v in vs) for label, vs in rows]
@@ -694,6 +812,7 @@ def budget_report(
 
 __all__ = [
     "BUDGET_SYNTAX",
+    "DEFAULT_HEADROOM",
     "Budget",
     "BudgetReport",
     "BudgetResult",

@@ -36,12 +36,7 @@ storage once, parameters excluded), and checked against `torch.autograd.graph.sa
 
     norm(rows)   RMSNorm:   rows·H·(4 + 2a) + 4·rows     (fp32 input, normalised product, output; 1/rms)
                  LayerNorm: rows·H·2a + 2σ·rows          (input, output; mean and 1/std)
-    attention    B·T·nh·d·4a                              (q, k, v as the score/value matmuls see them, with GQA
-                                                           key/value heads already repeated to nh; merged output)
-               + B·nh·T²·(p + c + r)                      scores/probabilities [B, nh, T, T]: p = softmax output (4 when
-                                                           the family upcasts the softmax to fp32, else a), c = a when
-                                                           an fp32 softmax is cast back to a 2-byte dtype, r = m + a
-                                                           with attention dropout (mask + dropped probabilities)
+    attention    depends on `TrainingSetup.attention` (below)
     mlp          B·T·I·a·(u + (3 if gated else 1))        u = tensors the activation saves (SiLU, GELU: 1, the
                                                            tanh-polynomial "gelu_new" of GPT-2: 4); gated: gate and up
                                                            outputs, the activation output, the product fed to down
@@ -52,17 +47,37 @@ storage once, parameters excluded), and checked against `torch.autograd.graph.sa
                  transform (B·T·H·a·u + norm), log-probabilities of the loss B·T·V·(4 if the loss upcasts logits
                  (HF causal LM) else a) + labels 8·B·T; classification heads: B·H (pooler) and B·C terms.
 
-The model assumes eager attention, as the tests measure it. SDPA's memory-efficient and flash kernels keep no
-[B, nh, T, T] tensors (a log-sum-exp of B·nh·T instead), so for them the score terms are an upper bound.
+Attention (nh / kv = the layer's query / key-value heads; each formula checked against autograd on CPU in the tests):
+
+    eager   B·T·nh·d·4a              q, k, v as the score/value matmuls see them (GQA key/value heads repeated
+                                     to nh) and the merged output
+          + B·nh·T²·(p + c + r)      scores/probabilities [B, nh, T, T]: p = softmax output (4 when the family
+                                     upcasts the softmax to fp32, else a), c = a when an fp32 softmax is cast
+                                     back to a 2-byte dtype, r = m + a with attention dropout (mask + dropped)
+    sdpa    B·T·d·(2·nh + 2·kv)·a    the fused kernels (flash, memory-efficient, cuDNN): q and the output (also
+    flash   + 4·B·nh·T               o_proj's input), k and v at their own head count (transformers passes
+                                     `enable_gqa`; flash attention takes GQA natively), an fp32 log-sum-exp per
+                                     head and token; no T×T tensor, and dropout is replayed from its RNG seed
+    math    B·T·nh·d·(3·4 + a)       SDPA's math fallback: eager-like, but it computes 2-byte inputs in fp32, so
+          + B·nh·T²·(p + c + r)|a=4  q, k, v and the score terms take 4 bytes (p = 4, c = 0, mask m' = m on
+                                     CUDA, 4 on CPU); the merged output stays in a
+
+`attention="sdpa"` is estimated as the fused kernels: what SDPA dispatches to for training without a padding mask
+(transformers then passes `is_causal` and no mask) in bf16/fp16, and on CUDA in fp32 through the memory-efficient
+kernel (older torch releases fall back to math there for GQA models). It is estimated as the math fallback on CPU
+with attention dropout (the CPU fused kernel has no dropout). Other fallbacks to math (a custom or padding mask the
+fused kernels refuse, GPUs without bf16 kernels, head_dim above the kernels' limit) are not detected: plan those
+with `attention="eager"`, which equals math in fp32; in 2-byte precisions math keeps its fp32 copies on top.
+`attention="flash"` (transformers' `flash_attention_2/3`) needs 2-byte activations.
 
 With activation checkpointing (HF `activation_checkpointing_enable`, every layer checkpointed) only every layer's
 input B·T·H·a is kept, plus one layer's activations recomputed during backward (the largest layer), plus everything
-outside the layers, plus for causal LMs the additive mask [B, 1, T, T] (B·T²·a) that every checkpointed layer holds
-as an input (dense training frees it when the forward returns). Encoders given a padding mask hold one too (not
-modelled). `MemoryEstimate.transient` adds what lives briefly on top of the saved activations at the loss: the
-logits and the gradients of the log-probabilities and logits, B·T·V·(a + 2·l) with l the loss dtype bytes, and under
-ZeRO-3 the one gathered full layer (or embedding matrix) being computed. Gradients of activations during backward
-(about one layer's worth) are not modelled.
+outside the layers, plus, for causal LMs with eager attention, the additive mask [B, 1, T, T] (B·T²·a) that every
+checkpointed layer holds as an input (dense training frees it when the forward returns; SDPA and flash get no
+mask). Encoders given a padding mask hold one too (not modelled). `MemoryEstimate.transient` adds what lives
+briefly on top of the saved activations at the loss: the logits and the gradients of the log-probabilities and
+logits, B·T·V·(a + 2·l) with l the loss dtype bytes, and under ZeRO-3 the one gathered full layer (or embedding
+matrix) being computed. Gradients of activations during backward (about one layer's worth) are not modelled.
 
 Training FLOPs per token (`ModelShape.flops_per_token`), the usual 6N rule plus the attention scores:
 
@@ -429,6 +444,24 @@ Precision = Literal["fp32", "bf16", "bf16_mixed", "fp16_mixed"]
 PRECISIONS = ("fp32", "bf16", "bf16_mixed", "fp16_mixed")
 OPTIMIZERS = ("adamw", "sgd", "adafactor")
 DEVICES = ("cuda", "cpu")
+Attention = Literal["eager", "sdpa", "flash"]
+ATTENTIONS = ("eager", "sdpa", "flash")
+
+
+def attention_kind(implementation: str | None) -> Attention:
+    """The memory model's attention for a transformers `attn_implementation` name, so a config's own setting
+    decides the estimate: None (transformers' default) and "sdpa" → "sdpa", "flash_attention_2" / "_3" or a flash
+    kernel from the hub → "flash", "eager" → "eager"."""
+    if implementation is None or implementation == "sdpa":
+        return "sdpa"
+    if implementation == "eager":
+        return "eager"
+    if "flash" in implementation:
+        return "flash"
+    raise ValueError(
+        f"attn_implementation={implementation!r}: the memory model knows eager, sdpa and flash attention "
+        "(flash_attention_2 / flash_attention_3)"
+    )
 
 
 @dataclass
@@ -440,7 +473,9 @@ class TrainingSetup:
     master weights and fp32 optimizer states (DeepSpeed `bf16` / `fp16`, Megatron). optimizer: `adamw` (2 states),
     `sgd` (with momentum: 1 state), `adafactor` (torch.optim.Adafactor: factored second moment, no first moment;
     not under ZeRO, which flattens the matrices it factors). `device` only decides kernel details of the activation
-    estimate (dropout-mask and LayerNorm-statistics dtypes); keep `cuda` for GPU planning.
+    estimate (dropout-mask and LayerNorm-statistics dtypes, SDPA's CPU fallback); keep `cuda` for GPU planning.
+    `attention`: `sdpa` (transformers' default; fused kernels, no T×T tensors kept), `flash` (flash_attention_2/3)
+    or `eager` (keeps the [B, heads, T, T] probabilities); the formulas are in the module docstring.
     """
 
     precision: Precision = "bf16_mixed"
@@ -451,6 +486,7 @@ class TrainingSetup:
     zero_stage: int = 0
     num_gpus: int = 1
     device: Literal["cuda", "cpu"] = "cuda"
+    attention: Attention = "sdpa"
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -459,6 +495,10 @@ class TrainingSetup:
             raise ValueError(f"optimizer={self.optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
         if self.device not in DEVICES:
             raise ValueError(f"device={self.device!r}: choose one of {', '.join(DEVICES)}")
+        if self.attention not in ATTENTIONS:
+            raise ValueError(f"attention={self.attention!r}: choose one of {', '.join(ATTENTIONS)}")
+        if self.attention == "flash" and self.precision == "fp32":
+            raise ValueError("attention='flash' runs in fp16/bf16 only: use a 2-byte precision, or attention='sdpa'")
         for name in ("micro_batch", "seq_len", "num_gpus"):
             value = getattr(self, name)
             if not _is_int(value) or value <= 0:
@@ -548,8 +588,8 @@ class MemoryEstimate:
         s = self.setup
         return (
             f"{format_bytes(self.total)} per GPU ({parts}); {self.num_params:,} params, {s.precision}, {s.optimizer}, "
-            f"ZeRO-{s.zero_stage} on {s.num_gpus} GPU(s), micro batch {s.micro_batch} × {s.seq_len} tokens"
-            + (", checkpointing" if s.activation_checkpointing else "")
+            f"ZeRO-{s.zero_stage} on {s.num_gpus} GPU(s), micro batch {s.micro_batch} × {s.seq_len} tokens, "
+            f"{s.attention} attention" + (", checkpointing" if s.activation_checkpointing else "")
         )
 
 
@@ -570,6 +610,30 @@ def optimizer_state_elements(shape: ModelShape, optimizer: str) -> int:
     raise ValueError(f"optimizer={optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
 
 
+def attention_kernel(shape: ModelShape, setup: TrainingSetup) -> Literal["eager", "fused", "math"]:
+    """Whose saved tensors the attention estimate counts: eager code, a fused kernel (SDPA's flash / memory-efficient
+    kernels, flash attention: no T×T tensor) or SDPA's math fallback (on CPU with attention dropout)."""
+    if setup.attention == "eager":
+        return "eager"
+    if setup.attention == "sdpa" and setup.device == "cpu" and shape.attention_dropout:
+        return "math"
+    return "fused"
+
+
+def _attention_bytes(shape: ModelShape, setup: TrainingSetup, heads: int, kv_heads: int) -> int:
+    """Bytes one layer's attention keeps for backward (formulas in the module docstring)."""
+    b, t, d, a = setup.micro_batch, setup.seq_len, shape.head_dim, setup.activation_bytes
+    kernel = attention_kernel(shape, setup)
+    if kernel == "fused":
+        return b * t * d * (2 * heads + 2 * kv_heads) * a + 4 * b * heads * t
+    core = 4 if kernel == "math" else a  # SDPA's math kernel computes 2-byte inputs in fp32
+    mask = 1 if setup.device == "cuda" else core
+    score_bytes = (4 if shape.softmax_fp32 else core) + (core if shape.softmax_fp32 and core != 4 else 0)
+    if shape.attention_dropout:
+        score_bytes += mask + core
+    return b * t * heads * d * (3 * core + a) + b * heads * t * t * score_bytes
+
+
 def activation_breakdown(shape: ModelShape, setup: TrainingSetup) -> dict[str, int]:
     """Activation bytes kept for backward, by part (`layer.<i>`, `embeddings`, `final_norm`, `head`, ...);
     the formulas are in the module docstring."""
@@ -585,13 +649,10 @@ def activation_breakdown(shape: ModelShape, setup: TrainingSetup) -> dict[str, i
             return n_rows * h * (4 + 2 * a) + 4 * n_rows
         return n_rows * h * 2 * a + 2 * stats * n_rows
 
-    score_bytes = (4 if shape.softmax_fp32 else a) + (a if shape.softmax_fp32 and a != 4 else 0)
-    if shape.attention_dropout:
-        score_bytes += mask + a
     act_saved = ACTIVATION_SAVED.get(shape.activation, 1)
     out: dict[str, int] = {}
-    for l, (nh, inter) in enumerate(zip(shape.heads, shape.intermediate)):
-        attention = rows * nh * d * 4 * a + b * nh * t * t * score_bytes
+    for l, (nh, kv, inter) in enumerate(zip(shape.heads, shape.kv_heads, shape.intermediate)):
+        attention = _attention_bytes(shape, setup, nh, kv)
         mlp = rows * inter * a * (act_saved + (3 if shape.gated_mlp else 1))
         residual = 2 * rows * h * mask if shape.hidden_dropout else 0
         out[f"layer.{l}"] = 2 * norm(rows) + attention + mlp + residual
@@ -632,7 +693,7 @@ def _activations(shape: ModelShape, setup: TrainingSetup) -> tuple[int, dict[str
     ckpt["layer_inputs"] = (shape.num_layers - (1 if shape.embedding_norm else 0)) * rows_h
     if not shape.final_norm:
         ckpt["last_hidden"] = rows_h  # post-norm models: the head saves the last layer's output
-    if shape.head == "causal_lm":
+    if shape.head == "causal_lm" and setup.attention == "eager":
         # the additive causal mask [B, 1, T, T] that eager attention receives is a checkpoint input: kept until backward
         ckpt["attention_mask"] = setup.micro_batch * setup.seq_len**2 * setup.activation_bytes
     ckpt["recomputed_layer"] = max(parts[k] for k in layer_keys)
@@ -779,10 +840,13 @@ def format_bytes(n: int | float) -> str:
 
 __all__ = [
     "ACTIVATION_SAVED",
+    "ATTENTIONS",
     "MemoryEstimate",
     "ModelShape",
     "TrainingSetup",
     "activation_breakdown",
+    "attention_kernel",
+    "attention_kind",
     "estimate_memory",
     "format_bytes",
     "min_gpus",

@@ -10,8 +10,10 @@ scoring, no weights read (the model is built on the meta device).
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from dataclasses import replace
+from pathlib import Path
 
 EPILOG = """budgets:
   "24GB x 1", "80GiB × 8", "8 x 80GiB"   GPU memory per GPU × GPU count (GB = 10^9 bytes, GiB = 2^30)
@@ -19,7 +21,10 @@ EPILOG = """budgets:
   "flops<=2.5G"                         training FLOPs per token at --seq-len
 
 Defaults come from --config (train.micro_batch_size, data.seq_len, train.mixed_precision, prune.layout /
-gqa / round_to) or, with --model, micro batch 1 and seq len min(2048, the model's positions). One ratio is searched
+gqa / round_to, model.attn_implementation) or, with --model, micro batch 1, seq len min(2048, the model's
+positions) and config.json's attn_implementation, else sdpa. --headroom defaults to earlycrop.budget.DEFAULT_HEADROOM
+(printed with the plan). Without --checkpointing, a dense model that fits once activations are checkpointed is
+said first. One ratio is searched
 for heads and MLP alike; --heads R (or --mlp R) fixes that ratio and searches the other one.
 --layout global without scores assumes every layer equally important: the run's real scores will spread the
 removal differently (the pipeline re-checks the budget with them)."""
@@ -66,15 +71,19 @@ def add_plan_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
     p.add_argument("--seq-len", type=_positive, default=None, help="tokens per sequence")
     p.add_argument("--zero-stage", type=int, choices=(0, 1, 2, 3), default=0, help="DeepSpeed ZeRO stage (0: DDP)")
     p.add_argument("--checkpointing", action="store_true", help="activation checkpointing of every layer")
+    p.add_argument("--attention", choices=("eager", "sdpa", "flash"), default=None,
+                   help="attention kernel of the training run: eager keeps every head's T×T probabilities, sdpa and "
+                        "flash do not; default: the config's attn_implementation, else sdpa (transformers' default)")
     p.add_argument("--layout", choices=("uniform", "global"), default=None, help="default: the config's, else uniform")
     p.add_argument("--gqa", choices=("per_group", "group"), default=None, help="default: the config's, else per_group")
     p.add_argument("--round-to", type=_positive, default=None, help="kept neuron counts in multiples of N")
     fixed = p.add_mutually_exclusive_group()
     fixed.add_argument("--heads", type=_ratio, default=None, help="fix the fraction of heads removed; search the MLP")
     fixed.add_argument("--mlp", type=_ratio, default=None, help="fix the fraction of MLP neurons removed; search the heads")
-    p.add_argument("--headroom", type=float, default=0.0,
+    p.add_argument("--headroom", type=float, default=None,
                    help="fraction of every GPU kept free for what the memory model leaves out (CUDA context, "
-                        "fragmentation, communication buffers); default 0")
+                        "fragmentation, communication buffers); default earlycrop.budget.DEFAULT_HEADROOM, printed "
+                        "with the plan")
     p.add_argument("--gpu-memory", default=None,
                    help="GPU size for the fewest-GPUs rows with a params / flops budget (e.g. 80GiB)")
     p.add_argument("--allow-unsaveable", action="store_true",
@@ -84,10 +93,11 @@ def add_plan_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
 
 
 def _load(args: argparse.Namespace):
-    """(model on the meta device, defaults from the config)."""
+    """(ModelShape, model config, defaults from the run config): the model is built on the meta device only to read
+    its shape; the search runs on the shape, the config checks that plans can be saved."""
     import torch
 
-    from earlycrop.budget import model_skeleton
+    from earlycrop.budget import model_shape, model_skeleton
 
     defaults: dict = {}
     if args.config:
@@ -106,14 +116,31 @@ def _load(args: argparse.Namespace):
             precision = "bf16" if cfg.model.dtype == "bfloat16" else "fp32"
         p = cfg.prune
         defaults = dict(precision=precision, micro_batch=cfg.train.micro_batch_size, seq_len=cfg.data.seq_len,
-                        layout=p.layout, gqa=p.gqa, round_to=p.round_to)
+                        layout=p.layout, gqa=p.gqa, round_to=p.round_to,
+                        attention=(cfg.model.attn_implementation, "the config's model.attn_implementation"))
     else:
         model = model_skeleton(args.model)
-    return model, defaults
+        saved = json.loads((Path(args.model) / "config.json").read_text())
+        for key in ("attn_implementation", "_attn_implementation"):
+            if saved.get(key):
+                defaults["attention"] = (saved[key], f"config.json's {key}")
+                break
+    return model_shape(model), model.config, defaults
 
 
-def _max_positions(model) -> int | None:
-    config = model.config
+def _attention(args: argparse.Namespace, defaults: dict) -> tuple[str, str]:
+    """(attention the memory model assumes, where that came from): the flag, the config's setting, else sdpa."""
+    from earlycrop.memory import attention_kind
+
+    if args.attention:
+        return args.attention, "--attention"
+    if "attention" in defaults:
+        name, source = defaults["attention"]
+        return attention_kind(name), f"{source} {name!r}"
+    return "sdpa", "transformers' default"
+
+
+def _max_positions(config) -> int | None:
     for key in ("max_position_embeddings", "n_positions"):
         value = getattr(config, key, None)
         if isinstance(value, int) and value > 0:
@@ -135,28 +162,38 @@ def run_plan(args: argparse.Namespace) -> int:
         return 2
 
 
-def _run(args: argparse.Namespace) -> int:
-    from earlycrop.budget import Budget, budget_report, fit_to_budget, format_measure
-    from earlycrop.memory import TrainingSetup, format_bytes
-    from earlycrop.select import SelectionConfig
+def _setup(args: argparse.Namespace, defaults: dict, config, budget, attention: str):
+    """The training setup the plan is for: flags, else the run config's values, else the plan defaults."""
+    from earlycrop.memory import TrainingSetup
 
-    budget = Budget.parse(args.budget)  # before building anything: a typo fails fast
-    if not 0.0 <= args.headroom < 1.0:
-        raise ValueError(f"--headroom {args.headroom}: the fraction kept free must be in [0, 1)")
-    model, d = _load(args)
-    seq_len = args.seq_len or d.get("seq_len")
+    seq_len = args.seq_len or defaults.get("seq_len")
     if seq_len is None:
-        positions = _max_positions(model)
+        positions = _max_positions(config)
         seq_len = min(2048, positions) if positions else 2048
-    setup = TrainingSetup(
-        precision=args.precision or d.get("precision", "bf16_mixed"),
+    return TrainingSetup(
+        precision=args.precision or defaults.get("precision", "bf16_mixed"),
         optimizer=args.optimizer,
-        micro_batch=args.micro_batch or d.get("micro_batch", 1),
+        micro_batch=args.micro_batch or defaults.get("micro_batch", 1),
         seq_len=seq_len,
         activation_checkpointing=args.checkpointing,
         zero_stage=args.zero_stage,
         num_gpus=budget.num_gpus,
+        attention=attention,
     )
+
+
+def _run(args: argparse.Namespace) -> int:
+    from earlycrop.budget import DEFAULT_HEADROOM, Budget, budget_report, fit_to_budget
+    from earlycrop.memory import estimate_memory, format_bytes
+    from earlycrop.select import SelectionConfig
+
+    budget = Budget.parse(args.budget)  # before building anything: a typo fails fast
+    headroom = DEFAULT_HEADROOM if args.headroom is None else args.headroom
+    if not 0.0 <= headroom < 1.0:
+        raise ValueError(f"--headroom {headroom}: the fraction kept free must be in [0, 1)")
+    shape, config, d = _load(args)
+    attention, attention_source = _attention(args, d)
+    setup = _setup(args, d, config, budget, attention)
     search = "mlp" if args.heads is not None else "heads" if args.mlp is not None else "both"
     base = SelectionConfig(
         heads=args.heads or 0.0,
@@ -165,39 +202,76 @@ def _run(args: argparse.Namespace) -> int:
         round_to=args.round_to or d.get("round_to", 1),
         gqa=args.gqa or d.get("gqa", "per_group"),
     )
-    result = fit_to_budget(model, None, base, setup, budget, search=search, headroom=args.headroom,
-                           require_saveable=not args.allow_unsaveable)
+    # a dense model that fits once activations are checkpointed needs no pruning: say so before any cut
+    checkpointed = None
+    if budget.kind == "memory" and not args.checkpointing:
+        need = estimate_memory(shape, replace(setup, activation_checkpointing=True)).total
+        if need <= budget.limit * (1.0 - headroom):
+            checkpointed = (f"no pruning needed with activation checkpointing ({format_bytes(need)} per GPU; "
+                            "add --checkpointing)")
     gpu = budget.gpu_bytes if budget.kind == "memory" else args.gpu_memory
-    report = budget_report(model, result.plan if result.ratio > 0 or search != "both" else None, result.setup, gpu,
-                           headroom=args.headroom)
-    source = args.config or args.model
-    print(f"earlycrop plan: {source}, budget {budget}"
-          + (f" ({format_bytes(budget.limit)} per GPU on {budget.num_gpus} GPU(s), ZeRO-{setup.zero_stage})"
-             if budget.kind == "memory" else ""))
+    try:
+        result = fit_to_budget(shape, None, base, setup, budget, search=search, headroom=headroom,
+                               require_saveable=not args.allow_unsaveable, config=config)
+    except ValueError as exc:
+        if checkpointed is None:
+            raise
+        _print_header(args, budget, setup, headroom, attention_source, shape)
+        print(f"{checkpointed}; without it no valid plan fits: {str(exc).splitlines()[0]}")
+        print()
+        dense = budget_report(shape, None, replace(setup, activation_checkpointing=True), gpu, headroom=headroom)
+        print(dense.format())
+        return 0
+    _print_header(args, budget, setup, headroom, attention_source, shape)
     if result.ratio == 0 and search == "both":
         print(result.summary())
     else:
-        c, plan = result.plan.counts(), result.plan
-        print(f"fits with {result.summary()}")
-        print(f"  per layer: {_per_layer(c, plan, base.layout)}")
-        print(f"  use: prune.heads={result.heads:g} prune.mlp={result.mlp:g} prune.layout={base.layout} "
-              f"prune.round_to={base.round_to} prune.gqa={base.gqa}")
-        print(f"   or: earlycrop prune --heads {result.heads:g} --mlp {result.mlp:g} --layout {base.layout} "
-              f"--round-to {base.round_to} --gqa {base.gqa} ...")
-        if result.below is not None:
-            print(f"  the next less pruned plan ({_per_layer(result.below['counts'], plan, base.layout)}) "
-                  f"would need {format_measure(budget.kind, result.below['value'])}")
-        errors: dict[str, int] = {}
-        for item in result.skipped_unsaveable:
-            errors[item["error"]] = errors.get(item["error"], 0) + 1
-        for error, n in errors.items():
-            print(f"  skipped {n} plan(s) that fit but whose config transformers refuses: {error}")
-        if search == "both":
-            for other in _alternatives(model, base, setup, budget, args, result):
-                print(f"  also fits: {other.summary()}")
+        if checkpointed is not None:
+            print(f"{checkpointed}; without it, prune:")
+        _print_plan(result, base, search, shape, config, setup, budget, headroom, args)
+    report = budget_report(shape, result.plan if result.ratio > 0 or search != "both" else None, result.setup, gpu,
+                           headroom=headroom)
     print()
     print(report.format())
     return 0
+
+
+def _print_header(args, budget, setup, headroom: float, attention_source: str, shape) -> None:
+    from earlycrop.memory import attention_kernel, format_bytes
+
+    source = args.config or args.model
+    line = f"earlycrop plan: {source}, budget {budget}"
+    if budget.kind == "memory":
+        line += (f" ({format_bytes(budget.limit)} per GPU on {budget.num_gpus} GPU(s), ZeRO-{setup.zero_stage}; "
+                 f"{headroom:.0%} kept free: {format_bytes(budget.limit * (1.0 - headroom))} usable)")
+    print(line)
+    kept = {"eager": "every head's T×T attention probabilities kept for backward",
+            "fused": "fused kernels, no T×T scores kept",
+            "math": "SDPA's math fallback (CPU with attention dropout): T×T scores kept in fp32"}
+    print(f"attention: {setup.attention} ({attention_source}; {kept[attention_kernel(shape, setup)]})")
+
+
+def _print_plan(result, base, search, shape, config, setup, budget, headroom, args) -> None:
+    from earlycrop.budget import format_measure
+
+    c, plan = result.plan.counts(), result.plan
+    print(f"fits with {result.summary()}")
+    print(f"  per layer: {_per_layer(c, plan, base.layout)}")
+    print(f"  use: prune.heads={result.heads:g} prune.mlp={result.mlp:g} prune.layout={base.layout} "
+          f"prune.round_to={base.round_to} prune.gqa={base.gqa}")
+    print(f"   or: earlycrop prune --heads {result.heads:g} --mlp {result.mlp:g} --layout {base.layout} "
+          f"--round-to {base.round_to} --gqa {base.gqa} ...")
+    if result.below is not None:
+        print(f"  the next less pruned plan ({_per_layer(result.below['counts'], plan, base.layout)}) "
+              f"would need {format_measure(budget.kind, result.below['value'])}")
+    errors: dict[str, int] = {}
+    for item in result.skipped_unsaveable:
+        errors[item["error"]] = errors.get(item["error"], 0) + 1
+    for error, n in errors.items():
+        print(f"  skipped {n} plan(s) that fit but whose config transformers refuses: {error}")
+    if search == "both":
+        for other in _alternatives(shape, config, base, setup, budget, headroom, args, result):
+            print(f"  also fits: {other.summary()}")
 
 
 def _per_layer(counts: dict, plan, layout: str) -> str:
@@ -206,7 +280,7 @@ def _per_layer(counts: dict, plan, layout: str) -> str:
     return text + (" in layer 0 (global layout: layers differ)" if layout == "global" else "")
 
 
-def _alternatives(model, base, setup, budget, args, result) -> list:
+def _alternatives(shape, config, base, setup, budget, headroom, args, result) -> list:
     """With one ratio for both kinds the coarse GQA / rounding steps of one kind can force the other to prune more
     than needed: also search each kind with the other fixed at the found ratio, and show what differs."""
     from earlycrop.budget import fit_to_budget
@@ -214,8 +288,8 @@ def _alternatives(model, base, setup, budget, args, result) -> list:
     out = []
     for search, fixed in (("mlp", {"heads": result.heads}), ("heads", {"mlp": result.mlp})):
         try:
-            other = fit_to_budget(model, None, replace(base, **fixed), setup, budget, search=search,
-                                  headroom=args.headroom, require_saveable=not args.allow_unsaveable)
+            other = fit_to_budget(shape, None, replace(base, **fixed), setup, budget, search=search, headroom=headroom,
+                                  require_saveable=not args.allow_unsaveable, config=config)
         except ValueError:
             continue
         if other.plan.counts() != result.plan.counts():

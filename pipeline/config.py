@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_core import PydanticCustomError
 
 import earlycrop
+from earlycrop.budget import DEFAULT_HEADROOM
 from earlycrop.criteria import CRITERIA
 from earlycrop.families import FAMILIES
 
@@ -205,7 +206,7 @@ class TargetConfig(_Strict):
 
     budget: str
     search: Literal["both", "heads", "mlp"] = "both"
-    headroom: float = Field(0.05, ge=0.0, lt=1.0)
+    headroom: float = Field(DEFAULT_HEADROOM, ge=0.0, lt=1.0)
     activation_checkpointing: bool = False
 
     @field_validator("budget")

@@ -24,7 +24,7 @@ def training_setup(cfg: RunConfig, accelerator: Accelerator) -> TrainingSetup:
         precision=precision, micro_batch=cfg.train.micro_batch_size, seq_len=cfg.data.seq_len,
         activation_checkpointing=cfg.target.activation_checkpointing if cfg.target else False,
         zero_stage=zero_stage(accelerator) or 0, num_gpus=accelerator.num_processes,
-        device="cuda" if torch.cuda.is_available() else "cpu",
+        device="cuda" if torch.cuda.is_available() else "cpu", attention=cfg.model.attn_implementation,
     )
 
 

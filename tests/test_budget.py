@@ -5,6 +5,7 @@ next less pruned plan does not fit), refusal, the dense-vs-pruned report, and th
 from __future__ import annotations
 
 import argparse
+import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import torch
 
 from earlycrop import SelectionConfig, get_adapter, make_plan, prune, save_pretrained
 from earlycrop.budget import (
+    DEFAULT_HEADROOM,
     Budget,
     BudgetReport,
     budget_report,
@@ -24,13 +26,22 @@ from earlycrop.budget import (
     plan_config_error,
 )
 from earlycrop.criteria import Scores
-from earlycrop.memory import ModelShape, TrainingSetup, estimate_memory, min_gpus_per_stage, parse_memory
+from earlycrop.memory import (
+    ModelShape,
+    TrainingSetup,
+    estimate_memory,
+    format_bytes,
+    min_gpus_per_stage,
+    parse_memory,
+)
 from launch.plan_cmd import add_plan_parser, run_plan
 from tests.tiny_models import build
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG_1B = ROOT / "configs" / "llama_1b_8gpu_zero2.yaml"
 SETUP = TrainingSetup(precision="bf16_mixed", micro_batch=4, seq_len=64)
+LLAMA3_8B = dict(vocab_size=128256, hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
+                 num_key_value_heads=8, intermediate_size=14336, max_position_embeddings=8192)
 
 
 def _random_scores(model, seed: int = 0) -> Scores:
@@ -259,6 +270,72 @@ def test_unsaveable_plans_are_skipped(monkeypatch):
         fit_to_budget(model, None, base, SETUP, budget, search="heads")
 
 
+@pytest.mark.parametrize("kind", ["memory", "params"])
+@pytest.mark.parametrize(
+    "family, base",
+    [
+        ("llama", SelectionConfig()),
+        ("llama", SelectionConfig(gqa="group")),
+        ("qwen2", SelectionConfig(layout="global", round_to=4)),
+        ("gpt2", SelectionConfig()),
+        ("bert-cls", SelectionConfig(layout="global")),
+    ],
+)
+def test_search_on_the_shape_picks_the_plan_of_the_model(family, base, kind):
+    """Given only the ModelShape (and config), the search returns what make_plan gives on the model with placeholder
+    scores, and the same ratio, selection and measure as the search given the model."""
+    model = build(family)
+    budget = _budget_between(model, replace(base, gqa="per_group"), SETUP, kind, 0.5)
+    on_model = fit_to_budget(model, None, base, SETUP, budget)
+    on_shape = fit_to_budget(ModelShape.from_model(model), None, base, SETUP, budget, config=model.config)
+    assert on_shape.ratio > 0
+    assert (on_shape.ratio, on_shape.selection, on_shape.value) == (on_model.ratio, on_model.selection, on_model.value)
+    reference = make_plan(model, placeholder_scores(model), on_shape.selection)
+    for key in ("family", "layout", "heads", "kv_heads", "neurons", "dense_heads", "dense_kv_heads", "dense_neurons"):
+        assert getattr(on_shape.plan, key) == getattr(reference, key) == getattr(on_model.plan, key), key
+    _check_minimal(model, placeholder_scores(model), base, SETUP, budget, on_shape)
+
+
+def _llama3_8b_shape() -> ModelShape:
+    return ModelShape(family="llama", vocab_size=128256, hidden_size=4096, head_dim=128, heads=[32] * 32,
+                      kv_heads=[8] * 32, intermediate=[14336] * 32)
+
+
+def test_search_on_an_8b_shape_builds_no_module(monkeypatch):
+    """The 8B question of issue 15 on the shape alone: any nn.Module construction fails the test. Eager attention
+    without headroom gives the answer the model-planning search gave (8 of 32 heads, 3626 of 14336 neurons); with
+    sdpa and checkpointing the dense model fits."""
+    from transformers import LlamaConfig
+
+    config, shape = LlamaConfig(**LLAMA3_8B), _llama3_8b_shape()
+
+    def no_modules(*args, **kwargs):
+        raise AssertionError("the shape-only search built an nn.Module")
+
+    monkeypatch.setattr(torch.nn.Module, "__init__", no_modules)
+    setup = TrainingSetup(zero_stage=3, seq_len=2048)
+    eager = fit_to_budget(shape, None, SelectionConfig(), replace(setup, attention="eager"), "24GB x 8", config=config)
+    assert eager.plan.counts() == {"heads": [8] * 32, "kv_heads": [8] * 32, "neurons": [3626] * 32}
+    assert eager.below["counts"]["neurons"] == [3627] * 32 and eager.below["value"] > eager.limit
+    dense = fit_to_budget(shape, None, SelectionConfig(), replace(setup, activation_checkpointing=True), "24GB x 8",
+                          config=config, headroom=DEFAULT_HEADROOM)
+    assert dense.ratio == 0 and dense.dense_fits
+    ranked = fit_to_budget(shape, None, SelectionConfig(layout="global", round_to=64), setup, "24GB x 8",
+                           config=config, headroom=DEFAULT_HEADROOM)
+    assert 0 < ranked.removed["mlp"] < 1 and ranked.value <= ranked.limit
+
+
+def test_search_on_a_shape_needs_its_config_and_no_scores():
+    model = build("llama")
+    shape = ModelShape.from_model(model)
+    with pytest.raises(ValueError, match="pass config="):
+        fit_to_budget(shape, None, SelectionConfig(), SETUP, "params<=20K")
+    with pytest.raises(ValueError, match="not its ModelShape"):
+        fit_to_budget(shape, _random_scores(model), SelectionConfig(), SETUP, "params<=20K", config=model.config)
+    loose = fit_to_budget(shape, None, SelectionConfig(), SETUP, "params<=20K", require_saveable=False)
+    assert loose.value <= 20_000 and loose.plan.meta["scores"] == "placeholder"
+
+
 def test_target_params_conflicts_with_a_budget():
     model = build("gpt2")
     with pytest.raises(ValueError, match="target_params"):
@@ -428,12 +505,73 @@ def test_cli_bad_budget_and_refusal_exit_nonzero_with_one_line(tiny_folder, caps
 
 @pytest.mark.skipif(not CONFIG_1B.is_file(), reason="configs/llama_1b_8gpu_zero2.yaml not written yet")
 def test_cli_plan_on_the_1b_config(capsys):
-    """Built on the meta device: no 1B weights on 2 CPU cores. Micro batch 1 × 2048 on one 24 GB GPU: the dense
-    model needs ~28.5 GiB, so heads and MLP are cut; with the config's micro batch 4 it cannot fit at all."""
-    assert _run(["plan", "--config", str(CONFIG_1B), "--budget", "24GB x 1", "--micro-batch", "1"]) == 0
+    """Built on the meta device: no 1B weights on 2 CPU cores. Micro batch 1 × 2048 on one 24 GB GPU with eager
+    attention: the dense model needs ~28.5 GiB, so heads and MLP are cut; with the config's micro batch 4 no plan
+    fits without checkpointing, but the dense model fits with it, which is said instead of a refusal."""
+    eager = ["--attention", "eager"]
+    assert _run(["plan", "--config", str(CONFIG_1B), "--budget", "24GB x 1", "--micro-batch", "1", *eager]) == 0
     out = capsys.readouterr().out
     assert "fits with heads=" in out and "dense" in out and "pruned" in out and "ZeRO-3" in out
     assert "852,559,872" in out  # the config's dense parameter count
-    assert _run(["plan", "--config", str(CONFIG_1B), "--budget", "24GB x 1"]) == 2
+    assert _run(["plan", "--config", str(CONFIG_1B), "--budget", "24GB x 1", *eager]) == 0
+    out = capsys.readouterr().out
+    assert "no pruning needed with activation checkpointing (" in out and "without it no valid plan fits" in out
+    assert "cannot be met" in out and "activation checkpointing on" in out
+    assert _run(["plan", "--config", str(CONFIG_1B), "--budget", "8GB x 1", *eager]) == 2
     err = capsys.readouterr().err.strip()
     assert "cannot be met" in err and "\n" not in err and "checkpointing" in err
+    assert _run(["plan", "--config", str(CONFIG_1B), "--budget", "24GB x 1", "--micro-batch", "1"]) == 0
+    assert "attention: sdpa (the config's model.attn_implementation 'sdpa'" in capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def llama3_8b_folder(tmp_path_factory) -> Path:
+    """Llama-3-8B's config.json alone: `earlycrop plan` builds the model on the meta device and reads no weights."""
+    from transformers import LlamaConfig
+
+    folder = tmp_path_factory.mktemp("llama3-8b")
+    LlamaConfig(**LLAMA3_8B, architectures=["LlamaForCausalLM"]).save_pretrained(folder)
+    return folder
+
+
+def test_cli_plan_8b_says_attention_headroom_and_checkpointing_first(llama3_8b_folder, capsys):
+    """Issue 15: on 8 × 24 GB under ZeRO-3 the dense 8B trains with checkpointing; eager attention alone needs 75% of
+    the heads cut and is no longer the assumption."""
+    plan = ["plan", "--model", str(llama3_8b_folder), "--budget", "24GB x 8", "--zero-stage", "3"]
+    assert _run(plan) == 0
+    lines = capsys.readouterr().out.splitlines()
+    usable = format_bytes(24e9 * (1 - DEFAULT_HEADROOM))
+    assert lines[0].endswith(f"ZeRO-3; {DEFAULT_HEADROOM:.0%} kept free: {usable} usable)")
+    assert lines[1].startswith("attention: sdpa (transformers' default; fused kernels")
+    assert lines[2].startswith("no pruning needed with activation checkpointing (")
+    assert lines[2].endswith("without it, prune:")
+    assert lines[3].startswith("fits with heads=")
+    assert _run([*plan, "--checkpointing"]) == 0
+    out = capsys.readouterr().out
+    assert "no pruning needed: the dense model takes" in out and "pruned" not in out
+    assert _run([*plan, "--attention", "eager"]) == 0
+    out = capsys.readouterr().out
+    assert "attention: eager (--attention;" in out and "removes 75.0% of heads" in out
+    assert "no pruning needed with activation checkpointing" not in out  # eager's checkpointed mask does not fit
+
+
+def test_cli_plan_reads_attention_from_config_json(tiny_folder, tmp_path, capsys):
+    saved = json.loads((tiny_folder / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**saved, "attn_implementation": "eager"}))
+    assert _run(["plan", "--model", str(tmp_path), "--budget", "params<=60K"]) == 0
+    assert "attention: eager (config.json's attn_implementation 'eager';" in capsys.readouterr().out
+    flash_fp32 = ["--attention", "flash", "--precision", "fp32"]
+    assert _run(["plan", "--model", str(tmp_path), "--budget", "24GB", *flash_fp32]) == 2
+    assert "fp16/bf16 only" in capsys.readouterr().err
+
+
+def test_default_headroom_is_one_value_for_the_cli_and_run_configs(tiny_folder, capsys):
+    from pipeline.config import TargetConfig
+
+    assert TargetConfig(budget="24GB x 1").headroom == DEFAULT_HEADROOM > 0
+    assert _parser().parse_args(["plan", "--model", str(tiny_folder), "--budget", "1GB"]).headroom is None
+    assert _run(["plan", "--model", str(tiny_folder), "--budget", "1GB x 1"]) == 0
+    usable = format_bytes(1e9 * (1 - DEFAULT_HEADROOM))
+    assert f"{DEFAULT_HEADROOM:.0%} kept free: {usable} usable" in capsys.readouterr().out
+    assert _run(["plan", "--model", str(tiny_folder), "--budget", "1GB x 1", "--headroom", "0"]) == 0
+    assert "0% kept free: 953.67 MiB usable" in capsys.readouterr().out

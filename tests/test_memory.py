@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +19,8 @@ from earlycrop.memory import (
     ModelShape,
     TrainingSetup,
     activation_breakdown,
+    attention_kernel,
+    attention_kind,
     estimate_memory,
     format_bytes,
     min_gpus,
@@ -26,6 +29,7 @@ from earlycrop.memory import (
 )
 from tests.tiny_models import FAMILIES, batches, build
 
+ROOT = Path(__file__).resolve().parent.parent
 LAYOUTS = ["dense", "uniform", "global"]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # Tolerances of the activation estimate against the bytes autograd saves, measured on CPU. With device="cpu" the
@@ -307,7 +311,7 @@ def test_activation_estimate_matches_saved_tensors(family, layout, precision):
     measured, recomputed, _ = _measure_saved(model, batch)
     assert recomputed == 0
     shape = ModelShape.from_model(model)
-    setup = TrainingSetup(precision=precision, micro_batch=micro_batch, seq_len=seq_len)
+    setup = TrainingSetup(precision=precision, micro_batch=micro_batch, seq_len=seq_len, attention="eager")
     cpu = estimate_memory(shape, replace(setup, device="cpu")).activations
     cuda = estimate_memory(shape, setup).activations
     key = f"{family}/{layout}/{precision}"
@@ -330,7 +334,7 @@ def test_checkpointed_activation_estimate(family):
     forward, recomputed, held = _measure_saved(model, batch)
     shape = ModelShape.from_model(model)
     measured = forward + held + recomputed // shape.num_layers
-    setup = TrainingSetup(precision="fp32", micro_batch=micro_batch, seq_len=seq_len, device="cpu")
+    setup = TrainingSetup(precision="fp32", micro_batch=micro_batch, seq_len=seq_len, device="cpu", attention="eager")
     est = estimate_memory(shape, replace(setup, activation_checkpointing=True))
     dense = estimate_memory(shape, setup)
     MEASURED_ERRORS[f"{family}/checkpointing/fp32/cpu"] = (est.activations - measured) / measured
@@ -342,13 +346,81 @@ def test_checkpointed_activation_estimate(family):
 
 def test_activations_scale_with_batch_and_quadratically_with_heads():
     shape = ModelShape.from_model(build("llama"))
-    base = TrainingSetup(precision="bf16_mixed", micro_batch=1, seq_len=256)
+    base = TrainingSetup(precision="bf16_mixed", micro_batch=1, seq_len=256, attention="eager")
     one = estimate_memory(shape, base).activations
     assert estimate_memory(shape, replace(base, micro_batch=2)).activations == pytest.approx(2 * one, rel=0.01)
     parts = activation_breakdown(shape, replace(base, seq_len=512))
     small = activation_breakdown(shape.with_counts(4, 2, 48), replace(base, seq_len=512))
     # the T² score term dominates at this length: halving heads nearly halves each layer
     assert small["layer.0"] < 0.6 * parts["layer.0"]
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("family", ["llama", "gpt2", "bert"])
+def test_sdpa_activation_estimate_matches_saved_tensors(family, precision, checkpointing):
+    """SDPA as transformers calls it: for Llama the fused kernel (no T×T tensor, k / v at the key-value head count, an
+    fp32 log-sum-exp; no mask held by checkpointed layers), for GPT-2 / BERT the math fallback, because the CPU fused
+    kernel has no attention dropout."""
+    micro_batch, seq_len = 4, 64
+    model = build(family, attn="sdpa").to(DTYPES[precision]).train()
+    if checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
+    batch = batches(family, n=1, batch_size=micro_batch, seq_len=seq_len)[0]
+    forward, recomputed, held = _measure_saved(model, batch)
+    shape = ModelShape.from_model(model)
+    measured = forward + held + recomputed // shape.num_layers
+    setup = TrainingSetup(precision=precision, micro_batch=micro_batch, seq_len=seq_len, device="cpu",
+                          activation_checkpointing=checkpointing, attention="sdpa")
+    assert attention_kernel(shape, setup) == ("fused" if family == "llama" else "math")
+    est = estimate_memory(shape, setup).activations
+    assert abs(est - measured) <= (CHECKPOINT_TOLERANCE if checkpointing else CPU_TOLERANCE) * measured
+
+
+def _llama3_8b() -> ModelShape:
+    return ModelShape(family="llama", vocab_size=128256, hidden_size=4096, head_dim=128, heads=[32] * 32,
+                      kv_heads=[8] * 32, intermediate=[14336] * 32)
+
+
+def test_fused_attention_keeps_no_score_matrix_on_a_gpu_plan():
+    """Planning for CUDA (bf16): sdpa and flash keep O(T) per layer, eager the fp32 softmax and its bf16 cast,
+    B·nh·T²·(4 + 2) bytes; only eager's checkpointed layers hold the causal mask."""
+    shape = _llama3_8b()
+    base = TrainingSetup(seq_len=2048)
+
+    def layer(attention: str, seq_len: int = 2048) -> int:
+        return activation_breakdown(shape, replace(base, attention=attention, seq_len=seq_len))["layer.0"]
+
+    assert layer("sdpa") == layer("flash") < layer("eager")
+    assert layer("sdpa", 4096) == 2 * layer("sdpa")
+    assert layer("eager", 4096) - 2 * layer("eager") == 32 * (4096**2 - 2 * 2048**2) * 6
+    checkpointed = replace(base, activation_checkpointing=True)
+    assert "attention_mask" in estimate_memory(shape, replace(checkpointed, attention="eager")).breakdown
+    assert "attention_mask" not in estimate_memory(shape, checkpointed).breakdown
+    assert "sdpa attention" in str(estimate_memory(shape, base))
+
+
+def test_attention_names_and_validation():
+    assert TrainingSetup().attention == "sdpa"
+    assert [attention_kind(n) for n in (None, "sdpa", "eager", "flash_attention_2", "flash_attention_3")] == [
+        "sdpa", "sdpa", "eager", "flash", "flash"]
+    with pytest.raises(ValueError, match="eager, sdpa and flash"):
+        attention_kind("xformers")
+    with pytest.raises(ValueError, match="choose one of eager, sdpa, flash"):
+        TrainingSetup(attention="xformers")
+    with pytest.raises(ValueError, match="fp16/bf16 only"):
+        TrainingSetup(precision="fp32", attention="flash")
+
+
+def test_bench_memory_cuda_without_a_gpu_fails_with_one_line(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import bench_memory
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as stopped:
+        bench_memory.main(["--device", "cuda", "--quick"])
+    message = str(stopped.value)
+    assert message.startswith("bench_memory.py: error: --device cuda needs a CUDA GPU") and "\n" not in message
 
 
 # ----------------------------------------------------------------------------------------------------- min_gpus
