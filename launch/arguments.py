@@ -11,6 +11,17 @@ from typing import Any, Literal, Union, get_args, get_origin
 from pydantic import BaseModel
 
 
+def fraction(text: str) -> float:
+    """A fraction REMOVED, in [0, 1), checked as argparse reads it."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"{text} is not a fraction in [0, 1)")
+    return value
+
+
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """Defaults shown beside every flag; epilogs printed as written."""
 
@@ -24,16 +35,18 @@ def _scalar(annotation: Any) -> Any:
 
 
 def add_fields(parser: argparse.ArgumentParser, model: type[BaseModel], names: Iterable[str], *,
-               defaults: dict[str, Any] | None = None, parsers: dict[str, Callable[[str], Any]] | None = None) -> None:
+               defaults: dict[str, Any] | None = None, parsers: dict[str, Callable[[str], Any]] | None = None,
+               notes: dict[str, str] | None = None) -> None:
     """One `--flag` per field of `model`; `defaults` replace a field's default for this command,
-    `parsers` give a field its own argparse type (e.g. a fraction in [0, 1))."""
-    defaults, parsers = defaults or {}, parsers or {}
+    `parsers` give a field its own argparse type (e.g. a fraction in [0, 1)), `notes` add to its help.
+    `parser` may also be an argument group (e.g. mutually exclusive flags)."""
+    defaults, parsers, notes = defaults or {}, parsers or {}, notes or {}
     for name in names:
         info = model.model_fields[name]
         flag = "--" + name.replace("_", "-")
         kind = _scalar(info.annotation)
         default = defaults.get(name, None if info.is_required() else info.default)
-        kwargs: dict[str, Any] = {"help": info.description or " ", "dest": name}
+        kwargs: dict[str, Any] = {"help": "; ".join(filter(None, (info.description, notes.get(name)))) or " ", "dest": name}
         if kind is bool:
             parser.add_argument(flag, action="store_true", **kwargs)
             continue

@@ -27,13 +27,6 @@ Llama / Qwen2 / Mistral with --layout uniform (and any MLP-only uniform cut) als
 AutoModelFor....from_pretrained(DIR)."""
 
 
-def _ratio(text: str) -> float:
-    value = float(text)
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"{text} is not a fraction in [0, 1)")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="earlycrop", description="Structured EarlyCroP pruning and training for Hugging Face transformers.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -59,14 +52,14 @@ def _add_prune_parser(sub) -> None:
     """`earlycrop prune`: its flags are the fields of pipeline.config.PruneCommandConfig."""
     from pipeline.config import PruneCommandConfig
 
-    from .arguments import HelpFormatter, add_fields
+    from .arguments import HelpFormatter, add_fields, fraction
 
     prune = sub.add_parser("prune", help="prune a local Hugging Face model folder and save the result", epilog=EPILOG_PRUNE,
                            formatter_class=HelpFormatter)
     add_fields(prune, PruneCommandConfig, ["model", "data", "criterion", "heads", "mlp", "layout", "gqa", "round_to",
                                            "hvp", "fd_step", "batches", "batch_size", "seq_len", "text_field",
                                            "label_field", "objective", "score_dtype", "seed", "out", "overwrite"],
-               defaults={"heads": 0.0, "mlp": 0.0}, parsers={"heads": _ratio, "mlp": _ratio})
+               defaults={"heads": 0.0, "mlp": 0.0}, parsers={"heads": fraction, "mlp": fraction})
 
 
 def _add_tracking_parser(sub: argparse._SubParsersAction) -> None:

@@ -32,16 +32,6 @@ removal differently (the pipeline re-checks the budget with them)."""
 PRECISIONS = ("fp32", "bf16", "bf16_mixed", "fp16_mixed")
 
 
-def _ratio(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"{text} is not a fraction in [0, 1)")
-    return value
-
-
 def _positive(text: str) -> int:
     try:
         value = int(text)
@@ -74,12 +64,18 @@ def add_plan_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
     p.add_argument("--attention", choices=("eager", "sdpa", "flash"), default=None,
                    help="attention kernel of the training run: eager keeps every head's T×T probabilities, sdpa and "
                         "flash do not; default: the config's attn_implementation, else sdpa (transformers' default)")
-    p.add_argument("--layout", choices=("uniform", "global"), default=None, help="default: the config's, else uniform")
-    p.add_argument("--gqa", choices=("per_group", "group"), default=None, help="default: the config's, else per_group")
-    p.add_argument("--round-to", type=_positive, default=None, help="kept neuron counts in multiples of N")
+    # the selection flags are SelectionSettings' fields (declared once, shared with the run config and prune)
+    from pipeline.config import SelectionSettings
+
+    from .arguments import add_fields, fraction
+
+    add_fields(p, SelectionSettings, ["layout", "gqa", "round_to"], defaults=dict.fromkeys(("layout", "gqa", "round_to")),
+               parsers={"round_to": _positive}, notes={"layout": "default: the config's, else uniform",
+                                                       "gqa": "default: the config's, else per_group"})
     fixed = p.add_mutually_exclusive_group()
-    fixed.add_argument("--heads", type=_ratio, default=None, help="fix the fraction of heads removed; search the MLP")
-    fixed.add_argument("--mlp", type=_ratio, default=None, help="fix the fraction of MLP neurons removed; search the heads")
+    add_fields(fixed, SelectionSettings, ["heads", "mlp"], defaults={"heads": None, "mlp": None},
+               parsers={"heads": fraction, "mlp": fraction},
+               notes={"heads": "fix it and search the MLP", "mlp": "fix it and search the heads"})
     p.add_argument("--headroom", type=float, default=None,
                    help="fraction of every GPU kept free for what the memory model leaves out (CUDA context, "
                         "fragmentation, communication buffers); default earlycrop.budget.DEFAULT_HEADROOM, printed "
