@@ -42,7 +42,7 @@ def _folder(path: Path, tokenizer, edit) -> Path:
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(
         vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False, pad_token_id=tokenizer.pad_token_id,
+        num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False, pad_token_id=tokenizer.pad_token_id,
     ))
     with torch.no_grad():
         edit(model)
