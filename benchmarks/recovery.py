@@ -69,6 +69,11 @@ VARIANTS: dict[str, list[str]] = {
     # hidden-state loss, 0.133 → 0.120 in 20 steps; lr 1e-3 took it 0.175 → 0.058 in 60)
     "magnitude-uniform+rec60@lr1e-4": ["prune.criterion=magnitude", "prune.layout=uniform", "train.lr=1e-4",
                                        "train.recovery_steps=60", "train.recovery_lr=1e-3"],
+    # task distillation: the same seed's dense fine-tuned model (the `dense` variant's saved model/) teaches
+    # through its trained head (logit KL, T=2) beside the task loss
+    "magnitude-uniform+kd-ft@lr1e-4": ["prune.criterion=magnitude", "prune.layout=uniform", "train.lr=1e-4",
+                                       "train.distill.enabled=true", "train.distill.logits=1.0", "train.distill.task=1.0",
+                                       "train.distill.teacher={dense_model}"],
     "magnitude-uniform+recovery+kd": ["prune.criterion=magnitude", "prune.layout=uniform", "train.recovery_steps=50",
                                       "train.distill.enabled=true", "train.distill.hidden=1.0", "train.distill.task=1.0"],
 }
@@ -134,9 +139,11 @@ def overrides(variant: str, ratio: float | None, seed: int, args: argparse.Names
         train, test = fixed_split(out / "split")
         data = [f"data.source={train}", f"data.validation_source={test}"]
     ratios = [] if ratio is None else [f"prune.heads={ratio}", f"prune.mlp={ratio}"]
+    dense_model = out / "runs" / run_key("dense", None, seed, args.split) / "model"  # a teacher for `+kd-ft` variants
+    variant_overrides = [o.format(dense_model=dense_model) for o in VARIANTS[variant]]
     return [f"seed={seed}", f"output_dir={out / 'runs' / key}", f"model.name_or_path={minilm_folder(Path(args.model_root))}",
             "tracking=false",
-            *RECIPE, *data, *VARIANTS[variant], *ratios, *(QUICK if args.quick else [])]
+            *RECIPE, *data, *variant_overrides, *ratios, *(QUICK if args.quick else [])]
 
 
 def inference_tokens_per_s(model, blocks: dict, batch_size: int = 16, repeats: int = 3) -> float:

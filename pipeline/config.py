@@ -166,6 +166,9 @@ class DistillConfig(_Strict):
     hidden_loss: Literal["mse", "cosine"] = "mse"
     # auto: bfloat16 on a GPU that has it (the teacher only runs forwards), else the model's dtype
     teacher_dtype: Literal["auto", "float32", "bfloat16", "float64"] = "auto"
+    # a local folder with the dense model already fine-tuned on this task (e.g. a dense run's model/): its
+    # trained head makes the logit term usable for a new-head task; None: the dense model as built
+    teacher: str | None = None
 
 
 class TrainConfig(_Strict):

@@ -6,12 +6,13 @@ from __future__ import annotations
 import torch
 from accelerate import Accelerator
 
+import earlycrop
 from earlycrop.distill import DistillWeights, Teacher, distillation_loss, hidden_state_loss
 
 from . import data as data_lib
 from .config import RunConfig
 from .distributed import all_reduce_sum
-from .modeling import new_parameter_names
+from .modeling import check_model_folder, new_parameter_names
 from .prepare import Prepared
 from .scoring import attaches_new_head
 from .train import BlockSampler
@@ -71,12 +72,24 @@ def teacher_dtype(cfg: RunConfig, model) -> torch.dtype:
 
 
 def make_distiller(cfg: RunConfig, teacher: Teacher) -> Distiller:
-    """The logit term is used only when the teacher's head is trained: never through a new task head."""
+    """The logit term is used only when the teacher's head is trained (a fine-tuned `train.distill.teacher`,
+    or a model saved with its head): never through a new task head."""
     d = cfg.train.distill
     weights = DistillWeights(logits=d.logits, temperature=d.temperature, hidden=d.hidden,
-                                       hidden_loss=d.hidden_loss, task=d.task)
-    trained_head = not attaches_new_head(cfg.model.name_or_path, cfg.model.task)
+                             hidden_loss=d.hidden_loss, task=d.task)
+    trained_head = d.teacher is not None or not attaches_new_head(cfg.model.name_or_path, cfg.model.task)
     return Distiller(teacher, weights, use_logits=trained_head)
+
+
+def load_teacher(cfg: RunConfig, student, device) -> Teacher:
+    """`train.distill.teacher`: a fine-tuned dense folder, checked to have the student's depth and outputs."""
+    folder = cfg.train.distill.teacher
+    check_model_folder(folder)
+    model = earlycrop.from_pretrained(folder, dtype=teacher_dtype(cfg, student), attn_implementation=cfg.model.attn_implementation)
+    if type(model) is not type(student) or model.config.num_hidden_layers != student.config.num_hidden_layers:
+        raise ValueError(f"train.distill.teacher={folder} is a {type(model).__name__} with {model.config.num_hidden_layers} "
+                         f"layers; the student is a {type(student).__name__} with {student.config.num_hidden_layers}")
+    return Teacher(model).to(device)
 
 
 def recovery_blocks(cfg: RunConfig, prepared: Prepared) -> dict[str, torch.Tensor]:

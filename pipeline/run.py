@@ -25,7 +25,7 @@ from earlycrop.distill import Teacher
 
 from .config import RunConfig
 from .distributed import describe_launch, make_accelerator, quiet_expected_tied_weights, whole_parameters, zero_stage
-from .finetune import make_distiller, recover, recovery_blocks, teacher_dtype, warm_up_new_head
+from .finetune import load_teacher, make_distiller, recover, recovery_blocks, teacher_dtype, warm_up_new_head
 from .modeling import build_model, check_seq_len
 from .outputs import check_resume_identity, check_run_output_dir, read_identity, run_identity, write_identity
 from .plots import plot_loss_curves
@@ -57,7 +57,8 @@ class Job:
         self.timer = StageTimer()
         self.state = TrainerState()
         self.checkpoint: Path | None = None
-        self.teacher: Teacher | None = None
+        self.teacher: Teacher | None = None  # the dense model as built (recovery, and distillation by default)
+        self.distill_teacher: Teacher | None = None  # what fine-tuning distils from
         self.pruner: Pruner | None = None
         self.start_metrics: dict[str, float] = {}
 
@@ -193,9 +194,10 @@ class Job:
     def prune_before_training(self) -> None:
         """Make the pruner; cut now when prune_at is 0, or rebuild the pruned shape a checkpoint holds.
         The teacher is copied from the dense model first (it is rebuilt on resume, never checkpointed)."""
-        cfg = self.cfg
-        if cfg.train.distill.enabled or cfg.train.recovery_steps:
+        cfg, d = self.cfg, self.cfg.train.distill
+        if cfg.train.recovery_steps or (d.enabled and d.teacher is None):
             self.teacher = Teacher.from_model(self.model, teacher_dtype(cfg, self.model)).to(self.accelerator.device)
+        self.distill_teacher = load_teacher(cfg, self.model, self.accelerator.device) if d.enabled and d.teacher else self.teacher
         if cfg.prune.prune_at == "never":
             return
         # a resumed run reuses saved scores whose provenance matches (a cut before training is redone only
@@ -217,8 +219,7 @@ class Job:
             return
         with self.timer("recovery"):
             losses = recover(self.cfg, self.accelerator, self.model, self.teacher, recovery_blocks(self.cfg, self.prepared))
-        if not self.cfg.train.distill.enabled:
-            self.teacher = None  # recovery was its only use: free it before training
+        self.teacher = None  # the dense model as built teaches recovery; fine-tuning holds its own reference
         self.tracker.log_metrics({"recovery_loss_first": losses[0], "recovery_loss_last": losses[-1]}, step=0)
         self.accelerator.print(f"recovered the pruned model toward the dense one ({len(losses)} steps): "
                                f"hidden-state loss {losses[0]:.4f} → {losses[-1]:.4f}")
@@ -249,7 +250,7 @@ class Job:
             cfg=cfg.train, output_dir=self.out, restart_schedule=cfg.prune.schedule_after_prune == "restart",
             log=lambda metrics, step: self.tracker.log_metrics(metrics, step=step),
             pruner=self.pruner if mid_training else None, on_prune=self.log_cut,
-            distiller=make_distiller(cfg, self.teacher) if cfg.train.distill.enabled else None, identity=self.identity,
+            distiller=make_distiller(cfg, self.distill_teacher) if cfg.train.distill.enabled else None, identity=self.identity,
         )
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()

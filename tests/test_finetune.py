@@ -37,18 +37,39 @@ def test_teacher_is_the_dense_model_and_is_never_updated(tmp_path):
     dense = digest(job.model)
     job.warm_up_head()
     job.prune_before_training()
-    assert digest(job.teacher.model) == dense, "the teacher is the dense model as built, before the cut"
-    assert all(not p.requires_grad for p in job.teacher.model.parameters())
+    teacher = job.teacher
+    assert job.distill_teacher is teacher and digest(teacher.model) == dense, "the teacher is the dense model as built"
+    assert all(not p.requires_grad for p in teacher.model.parameters())
     job.recover()
     job.prepare_training()
     job.train()
     summary = job.evaluate()
     job.close()
-    assert digest(job.teacher.model) == dense, "recovery and distilled training must not touch the teacher"
-    assert all(p.grad is None for p in job.teacher.model.parameters())
+    assert digest(teacher.model) == dense, "recovery and distilled training must not touch the teacher"
+    assert all(p.grad is None for p in teacher.model.parameters())
     assert summary["params_final"] < summary["params_dense"] and summary["time_recovery_s"] > 0
     logged = [h for h in job.state.history if "distill_hidden" in h]
     assert logged and all(h["distill_hidden"] > 0 and h["distill_logits"] > 0 and "distill_task" in h for h in logged)
+
+
+def test_a_fine_tuned_teacher_folder_teaches_through_its_head(tmp_path):
+    dense = Job(load_config(CONFIG, [f"output_dir={tmp_path / 'dense'}", "tracking=false"]))
+    dense.setup()
+    dense.model.save_pretrained(tmp_path / "teacher")
+    dense.tracker.close()
+    job = Job(load_config(CONFIG, [f"output_dir={tmp_path / 'run'}", *DISTILL, "train.recovery_steps=0", "train.max_steps=2",
+                                   f"train.distill.teacher={tmp_path / 'teacher'}", "train.log_every=1"]))
+    job.run()
+    assert job.teacher is None and digest(job.distill_teacher.model) == digest(dense.model)
+    assert all(h["distill_logits"] > 0 for h in job.state.history if "train_loss" in h)
+    with pytest.raises(ValueError, match=r"train.distill.teacher=.* is a LlamaForCausalLM with 2 layers; the student"):
+        other = Job(load_config(CONFIG, [f"output_dir={tmp_path / 'other'}", *DISTILL, "model.init.num_hidden_layers=1",
+                                         f"train.distill.teacher={tmp_path / 'teacher'}"]))
+        other.setup()
+        try:
+            other.prune_before_training()
+        finally:
+            other.tracker.close()
 
 
 def test_recovery_moves_the_pruned_model_toward_the_dense_one(tmp_path):
