@@ -121,11 +121,15 @@ class Job:
         self.identity = run_identity(self.cfg)
         info = self.out / "run_info.json"
         self.previous_run = json.loads(info.read_text()) if info.is_file() else None
-        if self.accelerator.is_main_process:
+        main = self.accelerator.is_main_process
+        # every rank checks (so every rank fails alike, none waits at a barrier); only rank 0 moves or writes
+        if main or not self.overwrite:
             check_run_output_dir(self.out, self.resume, self.overwrite)
-            saved = read_identity(self.out) if self.resume else None
-            if saved is not None:
-                check_resume_identity(saved, self.identity)
+        saved = read_identity(self.out) if self.resume else None
+        if saved is not None:
+            check_resume_identity(saved, self.identity)
+        self.accelerator.wait_for_everyone()
+        if main:
             write_identity(self.out, self.identity)
         self.accelerator.wait_for_everyone()
 

@@ -19,6 +19,8 @@ from pipeline.outputs import read_identity
 from pipeline.run import Job
 from pipeline.train import DeferredSigterm, latest_checkpoint
 
+from . import launching
+
 CONFIG = "configs/ci_tiny.yaml"
 FAST = ["tracking=false", "train.max_steps=4", "train.checkpoint_every=2", "train.eval_every=100"]
 
@@ -82,3 +84,12 @@ def test_sigterm_during_the_final_save_lets_it_finish():
         finished = True  # the stage goes on after the signal
     assert finished and sigterm.requested and "finishing it first" in said[0]
     assert signal.getsignal(signal.SIGTERM) is not sigterm._handle
+
+
+@pytest.mark.slow
+def test_every_rank_refuses_a_previous_run_instead_of_waiting(tmp_path):
+    out = tmp_path / "run"
+    assert cli_run(out) == 0
+    proc = launching.torchrun(2, "-m", "launch.cli", "run", CONFIG, f"output_dir={out}", *FAST, check=False, timeout=300)
+    assert proc.returncode != 0
+    assert proc.stderr.count("holds a previous run") >= 2, "both ranks fail alike (neither waits at a barrier)"
