@@ -273,7 +273,8 @@ def _split_note(seeds: list[int]) -> str:
 
 
 def report(args: argparse.Namespace) -> None:
-    results = [r for r in load_results(args.records) if r["quick"] == args.quick]
+    # one record per key (the last: a key run twice, by two sweep processes, counts once)
+    results = list({r["key"]: r for r in load_results(args.records) if r["quick"] == args.quick}.values())
     if not results:
         raise SystemExit(f"no results in {args.records}")
     seeds = sorted({r["seed"] for r in results})
