@@ -72,6 +72,8 @@ VARIANTS: dict[str, list[str]] = {
     # recovery, then the dense recipe's own lr (5e-5)
     "magnitude-uniform+rec60": ["prune.criterion=magnitude", "prune.layout=uniform", "train.recovery_steps=60",
                                 "train.recovery_lr=1e-3"],
+    "earlycrop-uniform+rec60": ["prune.criterion=earlycrop", "prune.layout=uniform", "prune.objective=task",
+                                "train.recovery_steps=60", "train.recovery_lr=1e-3"],
     # task distillation: the same seed's dense fine-tuned model (the `dense` variant's saved model/) teaches
     # through its trained head (logit KL, T=2) beside the task loss
     "magnitude-uniform+kd-ft@lr1e-4": ["prune.criterion=magnitude", "prune.layout=uniform", "train.lr=1e-4",
