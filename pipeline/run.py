@@ -24,7 +24,7 @@ import earlycrop
 from earlycrop.distill import Teacher
 
 from .config import RunConfig
-from .distributed import describe_launch, make_accelerator, quiet_expected_tied_weights, whole_parameters, zero_stage
+from .distributed import describe_launch, describe_peak_memory, make_accelerator, peak_memory_per_rank, quiet_expected_tied_weights, whole_parameters, zero_stage
 from .finetune import load_teacher, make_distiller, recover, recovery_blocks, teacher_dtype, warm_up_new_head
 from .modeling import build_model, check_seq_len
 from .outputs import check_resume_identity, check_run_output_dir, read_identity, run_identity, write_identity
@@ -285,6 +285,9 @@ class Job:
             summary["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
         else:
             summary["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        peaks = peak_memory_per_rank()  # a collective: every rank takes part
+        summary.update({f"peak_memory_rank{rank}_bytes": peak for rank, peak in enumerate(peaks)})
+        self.accelerator.print(describe_peak_memory(peaks))
         # one-off figures (times, parameters, steps, peak memory) once; the evaluations are on the val curves already,
         # params_dense went at step 0 and the cut's step as prune/step
         on_a_curve = {*final, *(f"{k}_at_start" for k in self.start_metrics), "params_dense", "pruned_at"}

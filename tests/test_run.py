@@ -33,6 +33,7 @@ def test_a_new_run_over_a_previous_one_is_refused_and_overwrite_replaces_it(tmp_
     out = tmp_path / "run"
     assert cli_run(out) == 0
     before = (out / "summary.json").read_text()
+    assert json.loads(before)["peak_memory_rank0_bytes"] > 0  # memory per rank is reported (issue 14 item 5)
     assert cli_run(out, "seed=3", "train.lr=1e-2") == 2
     err = capsys.readouterr().err
     assert "holds a previous run" in err and "use --resume to continue it or --overwrite to replace it" in err
