@@ -200,12 +200,10 @@ def perturbed(weights: list[torch.Tensor], directions: list[torch.Tensor], step:
                 w[where] = values
 
 
-def _finite_difference(ctx: ScoringContext, weights: list[nn.Parameter], g: list[torch.Tensor], fd_step: float) -> list[torch.Tensor]:
-    """Σ_b [∇_c L_b(θ + εg) − ∇_c L_b(θ − εg)] / 2ε with ε = step / ‖g‖, perturbing θ in place."""
-    g_norm = math.sqrt(sum(float((gi.double() ** 2).sum()) for gi in g))
-    if g_norm == 0.0:
-        raise FloatingPointError("the weight gradient is zero on the calibration batches: nothing to score")
-    eps = finite_difference_step(weights, fd_step) / g_norm
+def finite_difference_product(ctx: ScoringContext, weights: list[torch.Tensor], g: list[torch.Tensor], eps: float) -> list[torch.Tensor]:
+    """Σ_b [∇_c L_b(θ + εg) − ∇_c L_b(θ − εg)] / 2ε over this rank's batches, before the reduce: H_cθ·g in
+    gate space. θ is perturbed in place (`perturbed`); `weights` are the tensors the forward reads θ from
+    (a ZeRO-3 rank's own partitions, for instance) and `g` the matching pieces of the gradient."""
     acc = ctx.gates.zeros_like()
     for batch in ctx.iter_batches("H·g (finite difference)"):
         sides = []
@@ -215,6 +213,14 @@ def _finite_difference(ctx: ScoringContext, weights: list[nn.Parameter], g: list
         for a, plus, minus in zip(acc, *sides):
             a.add_((plus.to(a.dtype) - minus.to(a.dtype)) / (2 * eps))
     return acc
+
+
+def _finite_difference(ctx: ScoringContext, weights: list[nn.Parameter], g: list[torch.Tensor], fd_step: float) -> list[torch.Tensor]:
+    """`finite_difference_product` with ε = step / ‖g‖ (the step raised for low-precision weights)."""
+    g_norm = math.sqrt(sum(float((gi.double() ** 2).sum()) for gi in g))
+    if g_norm == 0.0:
+        raise FloatingPointError("the weight gradient is zero on the calibration batches: nothing to score")
+    return finite_difference_product(ctx, weights, g, finite_difference_step(weights, fd_step) / g_norm)
 
 
 def hessian_gradient_product(ctx: ScoringContext, hvp: Literal["exact", "finite_difference"], fd_step: float) -> list[torch.Tensor]:

@@ -1,0 +1,218 @@
+"""Scoring a model that DeepSpeed ZeRO-3 keeps partitioned: no rank ever holds it whole (docs/DESIGN.md §8).
+
+The model is created partitioned (transformers' ZeRO-3 integration splits each parameter over the ranks as it
+is loaded) inside a DeepSpeed engine whose optimizer (SGD, lr 0, never stepped) only exists to hold the fp32
+gradient partitions. First-order criteria then score it with the parameters partitioned, exactly as one
+process scores the whole model over all the batches (docs/DESIGN.md §4):
+
+- gate criteria (`snip`, `fisher`, `activation`, and `random`): the gates are small replicated tensors outside
+  the engine; forward/backward through the partitioned model gives this rank's gate gradients, all-reduced;
+- `earlycrop` / `grasp` with `hvp: finite_difference`: g from `engine.backward` (each rank's partition, through
+  `safe_get_local_grad`), ‖g‖² and ‖θ‖² from an all-reduce of partial sums, then each rank perturbs its own
+  partition `param.ds_tensor` by ±ε·g_local in place (`earlycrop.criteria.perturbed`, restored bit-exactly)
+  between first-order passes. `hvp: exact` (double backward) is refused: it does not compose with ZeRO-3's
+  gather/release hooks;
+- `magnitude`: per-unit sums of squares over each rank's partition, all-reduced, square-rooted.
+
+Every rank must run the same number of forward/backward passes (each one gathers parameters collectively), so
+the calibration batches must divide evenly over the ranks.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import earlycrop
+from earlycrop.criteria import (
+    Batch,
+    Criterion,
+    EarlyCroP,
+    GraSP,
+    Scores,
+    ScoringContext,
+    default_loss,
+    finite_difference_product,
+    finite_difference_step,
+)
+
+from .data import shard_batches
+from .distributed import all_reduce_sum, world
+
+GATE_CRITERIA = ("snip", "fisher", "activation", "random")
+
+
+def zero3_config(micro_batch_size: int = 1, **zero_optimization) -> dict:
+    """A DeepSpeed config for scoring under ZeRO-3. No parameter stays whole (persistence threshold 0) and none
+    is kept gathered between passes (reuse distance 0, no prefetch): a finite-difference pass must gather the
+    partitions just perturbed, never a cached copy."""
+    zero = {"stage": 3, "stage3_param_persistence_threshold": 0, "stage3_max_reuse_distance": 0,
+            "stage3_prefetch_bucket_size": 0, **zero_optimization}
+    return {"train_micro_batch_size_per_gpu": micro_batch_size, "gradient_accumulation_steps": 1,
+            "zero_optimization": zero, "zero_allow_untested_optimizer": True, "steps_per_print": 2**31}
+
+
+def load_partitioned(folder: str | Path, config: dict | None = None, *, dtype: torch.dtype | None = None,
+                     model_class=None):
+    """The DeepSpeed engine holding the model saved in `folder`, partitioned while it is loaded (call under a
+    launcher, after `deepspeed.init_distributed`)."""
+    import deepspeed
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations import HfDeepSpeedConfig
+
+    if dtype not in (None, torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"DeepSpeed ZeRO-3 partitions only float32, bfloat16 and float16 parameters (zero.Init asserts "
+                         f"it), not {dtype}: compare rank counts in float32 here")
+    config = config or zero3_config()
+    if config.get("zero_optimization", {}).get("stage") != 3:
+        raise ValueError("load_partitioned needs a ZeRO stage 3 config (zero_optimization.stage = 3)")
+    keep = HfDeepSpeedConfig(config)  # transformers partitions while loading as long as this object lives
+    model = (model_class or AutoModelForCausalLM).from_pretrained(folder, dtype=dtype, attn_implementation="eager")
+    del keep
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # never stepped: holds the gradient partitions
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    return engine
+
+
+@contextmanager
+def full_shapes(model: nn.Module):
+    """Partitioned parameters report their full shape for the duration (zero-stride stand-ins, no memory), so
+    the family adapter can read the units (gates, slices, plans) of a model no rank holds whole."""
+    saved = []
+    for p in model.parameters():
+        if hasattr(p, "ds_shape") and p.shape != p.ds_shape:
+            saved.append((p, p.data))
+            p.data = torch.empty(1, dtype=p.dtype, device=p.device).expand(p.ds_shape)
+    try:
+        yield
+    finally:
+        for p, data in saved:
+            p.data = data
+
+
+def score_partitioned(engine, criterion: Criterion | str, batches: list[Batch], *, progress: bool = False) -> Scores:
+    """Scores of the engine's ZeRO-3-partitioned model over ALL `batches`, each rank scoring its strided shard:
+    the scores one process gives for the whole model (see the module docstring for what each criterion does)."""
+    criterion = earlycrop.make_criterion(criterion) if isinstance(criterion, str) else criterion
+    _check_supported(criterion)
+    rank, size = world()
+    if criterion.uses_data and (not batches or len(batches) % size):
+        raise ValueError(f"scoring under ZeRO-3 needs the calibration batches to divide evenly over the {size} ranks "
+                         f"(every rank runs the same passes); got {len(batches)}")
+    model = engine.module
+    adapter = earlycrop.get_adapter(model)
+
+    def partitioned_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
+        # a backward for the gates alone never reaches the modules before the first gate (layer 0's q/k/v), so
+        # their post-backward hooks never release them: partition everything again, or the next forward (on
+        # perturbed partitions) would use the stale gathered copy
+        engine.empty_partition_cache()
+        return default_loss(model, batch)
+
+    was_training = model.training
+    model.eval()
+    try:
+        with full_shapes(model):
+            gates = earlycrop.attach_gates(model, adapter)
+        try:
+            ctx = ScoringContext(model, adapter, gates, shard_batches(batches, rank, size), partitioned_loss,
+                                 all_reduce_sum, progress and rank == 0)
+            scores = _score(ctx, engine, criterion)
+        finally:
+            gates.remove()
+            engine.empty_partition_cache()
+    finally:
+        model.train(was_training)
+    scores.check_finite(criterion.name)
+    return scores
+
+
+def _check_supported(criterion: Criterion) -> None:
+    if isinstance(criterion, (EarlyCroP, GraSP)):
+        if criterion.hvp != "finite_difference":
+            raise ValueError(f"criterion {criterion.name!r} with hvp: {criterion.hvp} needs a double backward, which "
+                             "does not compose with ZeRO-3's parameter gather/release hooks: use hvp: finite_difference")
+    elif criterion.name not in (*GATE_CRITERIA, "magnitude"):
+        raise ValueError(f"criterion {criterion.name!r} cannot score a ZeRO-3-partitioned model; these can: "
+                         f"earlycrop and grasp (hvp: finite_difference), magnitude, {', '.join(GATE_CRITERIA)}")
+
+
+def _score(ctx: ScoringContext, engine, criterion: Criterion) -> Scores:
+    if isinstance(criterion, (EarlyCroP, GraSP)):
+        hg = _hessian_gradient_product(ctx, engine, criterion.fd_step)
+        return ctx.as_scores([t.abs() for t in hg] if isinstance(criterion, EarlyCroP) else hg)
+    if criterion.name == "magnitude":
+        return _magnitude(ctx)
+    return criterion.score(ctx)
+
+
+def _local_gradient(ctx: ScoringContext, engine, weights: list[nn.Parameter]) -> list[torch.Tensor]:
+    """This rank's partition of g = Σ over all ranks' batches of ∇θ L: `engine.backward` reduce-scatters each
+    batch's gradient into the partitions, averaged over the ranks (so × world size is the sum)."""
+    from deepspeed.utils import safe_get_local_grad
+
+    g = None
+    for batch in ctx.iter_batches("gradient"):
+        engine.backward(ctx.loss_fn(ctx.model, batch))
+        local = [safe_get_local_grad(w) for w in weights]
+        if g is None:
+            g = [torch.zeros_like(t, dtype=torch.promote_types(t.dtype, torch.float32)) for t in local]
+        for acc, t in zip(g, local):
+            acc.add_(t)
+        engine.optimizer.zero_grad()
+    size = world()[1]
+    return [acc.mul_(size) for acc in g]
+
+
+def _hessian_gradient_product(ctx: ScoringContext, engine, fd_step: float) -> list[torch.Tensor]:
+    """Σ_b H_cθ·g by central differences, each rank perturbing only its own partitions (ε from global norms)."""
+    weights = ctx.adapter.prunable_weights(ctx.model)
+    if any(getattr(w, "ds_persist", False) for w in weights):
+        raise ValueError("a prunable weight is kept whole on every rank (stage3_param_persistence_threshold > 0), so "
+                         "perturbing its partition would not reach the forward: score with pipeline.sharded.zero3_config()")
+    g = _local_gradient(ctx, engine, weights)
+    parts = [w.ds_tensor for w in weights]
+    sums = torch.tensor([sum(float(t.double().square().sum()) for t in tensors) for tensors in (g, parts)],
+                        dtype=torch.float64)
+    g_sq, theta_sq = (float(x) for x in all_reduce_sum(sums))
+    if g_sq == 0.0:
+        raise FloatingPointError("the weight gradient is zero on the calibration batches: nothing to score")
+    eps = finite_difference_step(parts, fd_step, theta_sq=theta_sq) / math.sqrt(g_sq)
+    return ctx.reduce_all(finite_difference_product(ctx, parts, g, eps))
+
+
+def _unit_squares(slices, units: int, width: int) -> torch.Tensor:
+    """Per unit, the sum of squares of this rank's partition entries in the unit's own rows/columns (the slices
+    `Magnitude` sums; GQA-shared key/value rows, which belong to no single unit, are left out likewise)."""
+    rank = world()[0]
+    total = torch.zeros(units, dtype=torch.float64)
+    for s in slices:
+        p = s.parameter
+        shape, part = p.ds_shape, p.ds_tensor.reshape(-1)
+        blocks, rest = divmod(shape[s.dim], units * width)
+        start = rank * part.numel()
+        valid = max(0, min(part.numel(), p.ds_numel - start))  # the last partition is padded
+        if not blocks or rest or not valid:
+            continue
+        index = torch.arange(start, start + valid, device=part.device)
+        along = index // math.prod(shape[s.dim + 1:]) % shape[s.dim]
+        total.index_add_(0, (along // width % units).cpu(), part[:valid].detach().double().square().cpu())
+    return total
+
+
+def _magnitude(ctx: ScoringContext) -> Scores:
+    """`magnitude` from partition-local sums of squares, all-reduced before the square root."""
+    squares = []
+    with full_shapes(ctx.model), torch.no_grad():
+        for layer in ctx.gates.layers:
+            heads = ctx.adapter.attention_slices(layer, list(range(layer.num_heads)), list(range(layer.num_kv_heads)))
+            squares.append(_unit_squares(heads, layer.num_heads, layer.head_dim))
+            squares.append(_unit_squares(ctx.adapter.mlp_slices(layer, list(range(layer.intermediate_size))),
+                                         layer.intermediate_size, 1))
+    squares = ctx.reduce_all(squares)
+    return Scores(heads=[t.sqrt() for t in squares[0::2]], neurons=[t.sqrt() for t in squares[1::2]])
+
