@@ -38,6 +38,11 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
+def is_collective_timeout(exc: BaseException) -> bool:
+    """Whether `exc` is a collective that gave up waiting for a peer (NCCL's DistBackendError, gloo's timeout)."""
+    return isinstance(exc, dist.DistBackendError) or (isinstance(exc, RuntimeError) and "Timed out waiting" in str(exc))
+
+
 def init_process_group(timeout: timedelta = COLLECTIVE_TIMEOUT) -> None:
     """Join the launcher's process group (torchrun / accelerate launch) outside an Accelerator."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():

@@ -24,7 +24,7 @@ import earlycrop
 from earlycrop.distill import Teacher
 
 from .config import RunConfig
-from .distributed import describe_launch, describe_peak_memory, make_accelerator, peak_memory_per_rank, quiet_expected_tied_weights, whole_parameters, zero_stage
+from .distributed import (describe_launch, describe_peak_memory, is_collective_timeout, make_accelerator, peak_memory_per_rank, quiet_expected_tied_weights, whole_parameters, zero_stage)
 from .finetune import load_teacher, make_distiller, recover, recovery_blocks, teacher_dtype, warm_up_new_head
 from .modeling import build_model, check_seq_len
 from .outputs import check_resume_identity, check_run_output_dir, read_identity, run_identity, write_identity
@@ -74,6 +74,13 @@ class Job:
             with DeferredSigterm(self.accelerator.print, "the final evaluation and save") as sigterm:
                 summary = self.evaluate()
                 self.save(summary)
+        except RuntimeError as exc:
+            self.tracker.close(status="FAILED")
+            if not is_collective_timeout(exc):
+                raise
+            raise RuntimeError(f"rank {self.accelerator.process_index}: no answer from another rank within "
+                               f"collective_timeout_s={self.cfg.collective_timeout_s} during '{self.timer.current}' (a peer "
+                               "stopped, hung or died); raise collective_timeout_s if that stage is slower") from exc
         except BaseException:
             self.tracker.close(status="FAILED")
             raise

@@ -5,10 +5,15 @@ the final save lets the save finish (issue 12 items 4, 5, 13)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -94,3 +99,34 @@ def test_every_rank_refuses_a_previous_run_instead_of_waiting(tmp_path):
     proc = launching.torchrun(2, "-m", "launch.cli", "run", CONFIG, f"output_dir={out}", *FAST, check=False, timeout=300)
     assert proc.returncode != 0
     assert proc.stderr.count("holds a previous run") >= 2, "both ranks fail alike (neither waits at a barrier)"
+
+
+@pytest.mark.slow
+def test_a_stopped_peer_ends_the_run_with_a_message_naming_the_stage(tmp_path):
+    """A frozen node (SIGSTOP on one rank): the healthy rank gives up after collective_timeout_s and says where."""
+    log = tmp_path / "log.txt"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(launching.free_port()), "-m", "launch.cli", "run", CONFIG, f"output_dir={tmp_path / 'run'}",
+           "tracking=false", "train.max_steps=100000", "train.eval_every=100000", "train.checkpoint_every=0",
+           "collective_timeout_s=15"]
+    with log.open("w") as sink:
+        proc = subprocess.Popen(cmd, cwd=launching.REPO, env=launching.env(), stdout=sink, stderr=subprocess.STDOUT)
+    stopped = None
+    try:
+        deadline = time.time() + 180
+        while "step " not in log.read_text() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.5)
+        workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+        rank1 = [w for w in workers if b"LOCAL_RANK=1\0" in Path(f"/proc/{w}/environ").read_bytes()]
+        stopped = int(rank1[0])
+        os.kill(stopped, signal.SIGSTOP)
+        proc.wait(timeout=240)
+    finally:
+        if stopped:
+            with contextlib.suppress(ProcessLookupError):  # torchrun may have ended it already
+                os.kill(stopped, signal.SIGKILL)
+        if proc.poll() is None:
+            proc.kill()
+    text = log.read_text()
+    assert proc.returncode != 0, text[-2000:]
+    assert "rank 0: no answer from another rank within collective_timeout_s=15 during 'train'" in text, text[-3000:]
