@@ -100,8 +100,8 @@ class DataConfig(_Strict):
 class ScoringSettings(_Strict):
     """How units are scored; declared once for a run's `prune:` section and the `earlycrop prune` command."""
 
-    # auto: earlycrop, except for a pretrained model that gets a NEW task head, where global-ranked magnitude
-    # kept the most of the pretrained model in benchmarks/encoder_quality.py (benchmarks/RESULTS.md)
+    # auto: earlycrop (for a pretrained model with a new head too: benchmarks/recovery.py on the real MiniLM;
+    # see pipeline/scoring.py)
     criterion: str = Field("auto", description="auto, or a registered criterion (earlycrop, grasp, snip, fisher, "
                                                "magnitude, activation, random)")
     hvp: Literal["exact", "finite_difference"] = Field("exact", description="how earlycrop/grasp compute H·g")
