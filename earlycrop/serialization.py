@@ -13,11 +13,11 @@ import re
 from pathlib import Path
 
 import torch
-import transformers
 from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoConfig, PreTrainedModel
 
+from .families import architecture_class
 from .surgery import LAYOUT_KEY, prune, shape_plan
 
 
@@ -36,15 +36,6 @@ def save_pretrained(model: PreTrainedModel, out_dir: str | Path, tokenizer=None)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     return out
-
-
-def _model_class(config) -> type[PreTrainedModel]:
-    archs = getattr(config, "architectures", None) or []
-    for name in archs:
-        cls = getattr(transformers, name, None)
-        if isinstance(cls, type) and issubclass(cls, PreTrainedModel):
-            return cls
-    raise ValueError(f"config.json names no transformers model class (architectures={archs!r})")
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -80,7 +71,7 @@ def from_pretrained(path: str | Path, *, dtype: torch.dtype | None = None, **kwa
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ValueError(f"{path / 'config.json'} cannot be read ({first}); re-save the model with save_pretrained") from exc
-    cls = _model_class(config)
+    cls = architecture_class(config)
     if plain_loadable(config):
         # transformers only logs missing / mis-shaped weights and initialises them at random: ask, then refuse
         model, info = cls.from_pretrained(path, dtype=dtype, trust_remote_code=False, use_safetensors=True,
