@@ -79,6 +79,16 @@ VARIANTS: dict[str, list[str]] = {
     "magnitude-uniform+kd-ft@lr1e-4": ["prune.criterion=magnitude", "prune.layout=uniform", "train.lr=1e-4",
                                        "train.distill.enabled=true", "train.distill.logits=1.0", "train.distill.task=1.0",
                                        "train.distill.teacher={dense_model}"],
+    # twice the steps (106 × 16, 10 warm-up): the dense recipe was still improving at step 53, and a model with
+    # half its heads and MLP costs about half as much per step, so the pruned `@x2` rows match dense@x1's compute
+    "dense@x2": ["prune.prune_at=never", "train.max_steps=106", "train.warmup_steps=10"],
+    "earlycrop-uniform@x2": ["prune.criterion=earlycrop", "prune.layout=uniform", "prune.objective=task",
+                             "train.max_steps=106", "train.warmup_steps=10"],
+    # task distillation from the same seed's dense@x2 model (logit KL, T=2, beside the task loss)
+    "earlycrop-uniform+kd-ft@x2": ["prune.criterion=earlycrop", "prune.layout=uniform", "prune.objective=task",
+                                   "train.max_steps=106", "train.warmup_steps=10", "train.distill.enabled=true",
+                                   "train.distill.logits=1.0", "train.distill.task=1.0",
+                                   "train.distill.teacher={dense_x2_model}"],
     "magnitude-uniform+recovery+kd": ["prune.criterion=magnitude", "prune.layout=uniform", "train.recovery_steps=50",
                                       "train.distill.enabled=true", "train.distill.hidden=1.0", "train.distill.task=1.0"],
 }
@@ -144,8 +154,9 @@ def overrides(variant: str, ratio: float | None, seed: int, args: argparse.Names
         train, test = fixed_split(out / "split")
         data = [f"data.source={train}", f"data.validation_source={test}"]
     ratios = [] if ratio is None else [f"prune.heads={ratio}", f"prune.mlp={ratio}"]
-    dense_model = out / "runs" / run_key("dense", None, seed, args.split) / "model"  # a teacher for `+kd-ft` variants
-    variant_overrides = [o.format(dense_model=dense_model) for o in VARIANTS[variant]]
+    teachers = {f"{name.replace('@', '_')}_model": out / "runs" / run_key(name, None, seed, args.split) / "model"
+                for name in ("dense", "dense@x2")}  # the `+kd-ft` variants' teachers: a dense run's saved model
+    variant_overrides = [o.format(**teachers) for o in VARIANTS[variant]]
     return [f"seed={seed}", f"output_dir={out / 'runs' / key}", f"model.name_or_path={minilm_folder(Path(args.model_root))}",
             "tracking=false",
             *RECIPE, *data, *variant_overrides, *ratios, *(QUICK if args.quick else [])]
@@ -210,8 +221,8 @@ def sweep(args: argparse.Namespace) -> None:
     if args.split == "fixed":
         print(f"fixed split: {', '.join(str(p) for p in fixed_split(out / 'split'))}", flush=True)
     done = {r["key"] for r in load_results(args.records)}
-    todo = [(v, None if v == "dense" else r, s) for s in args.seeds for v in args.variants
-            for r in ([None] if v == "dense" else args.ratios)]
+    todo = [(v, None if is_dense(v) else r, s) for s in args.seeds for v in args.variants
+            for r in ([None] if is_dense(v) else args.ratios)]
     todo = [t for t in dict.fromkeys(todo) if run_key(*t, args.split) not in done]
     print(f"{len(done)} runs already in {args.records}; {len(todo)} to run", flush=True)
     for i, (variant, ratio, seed) in enumerate(todo, 1):
@@ -239,9 +250,19 @@ ISSUE_13 = [("dense fine-tuning", 0.983, 0.103), ("magnitude, uniform", 0.944, 0
             ("earlycrop, uniform", 0.922, 0.300), ("random, global", 0.878, 0.398)]
 
 
+def is_dense(variant: str) -> bool:
+    return variant.split("@")[0] == "dense"
+
+
+def reference(variant: str) -> str:
+    """The dense variant a row pairs with: the one trained for as many steps (`@x2` rows pair with dense@x2)."""
+    return "dense@x2" if variant.endswith("@x2") else "dense"
+
+
 def _rows(results: list[dict]) -> list[str]:
-    """One table row per variant × ratio; Δ pairs each run with the dense run of its seed (and split)."""
-    dense = {(r["seed"], r["split"]): r["summary"] for r in results if r["variant"] == "dense"}
+    """One table row per variant × ratio; Δ pairs each run with the dense run of its seed (and split) trained
+    for as many steps."""
+    dense = {(r["variant"], r["seed"], r["split"]): r["summary"] for r in results if is_dense(r["variant"])}
     groups = defaultdict(list)
     for r in results:
         groups[(r["variant"], r["ratio"], r["split"])].append(r)
@@ -251,15 +272,15 @@ def _rows(results: list[dict]) -> list[str]:
         rs.sort(key=lambda r: r["seed"])
         acc = [r["summary"]["val_accuracy"] for r in rs]
         loss = [r["summary"]["val_loss"] for r in rs]
-        paired = [(r["summary"], dense[(r["seed"], split)]) for r in rs if (r["seed"], split) in dense]
+        ref = reference(variant)
+        paired = [(r["summary"], dense[(ref, r["seed"], split)]) for r in rs if (ref, r["seed"], split) in dense]
         d_acc = [s["val_accuracy"] - d["val_accuracy"] for s, d in paired]
         d_loss = [s["val_loss"] - d["val_loss"] for s, d in paired]
-        is_dense = variant == "dense"
         stages = " / ".join(f"{statistics.mean(r['summary'].get(f'time_{k}_s', 0.0) for r in rs):.0f}" for k in STAGES)
         rows.append(
             f"| {variant} | {'–' if ratio is None else f'{ratio:.0%}'} | {split} | {','.join(str(r['seed']) for r in rs)} | "
-            f"{_ms(acc)} | {'–' if is_dense else _ms(d_acc, '{:+.3f}')} | {_ms(loss)} | "
-            f"{'–' if is_dense else _ms(d_loss, '{:+.3f}')} | {statistics.mean(r['summary']['params_final'] for r in rs):,.0f} | "
+            f"{_ms(acc)} | {'–' if is_dense(variant) else _ms(d_acc, '{:+.3f}')} | {_ms(loss)} | "
+            f"{'–' if is_dense(variant) else _ms(d_loss, '{:+.3f}')} | {statistics.mean(r['summary']['params_final'] for r in rs):,.0f} | "
             f"{statistics.mean(r['inference_tokens_per_s'] for r in rs):,.0f} | {stages} | "
             f"{statistics.mean(r['wall_s'] for r in rs):.0f} |")
     return rows
@@ -298,7 +319,7 @@ def report(args: argparse.Namespace) -> None:
              "60 test posts (16 × 128 padded tokens a batch), eval mode, one thread, best of 3. Stage times in seconds: "
              + " / ".join(STAGES) + ".",
              "", _split_note(sorted(set(seeds) | set(range(5)))), "",
-             "| variant | removed | test set | seeds | test accuracy | Δ accuracy vs dense (paired) | test loss | "
+             "| variant | removed | test set | seeds | test accuracy | Δ accuracy vs dense (paired; `@x2` vs dense@x2) | test loss | "
              "Δ loss vs dense (paired) | params | inference tokens/s | stage s (" + " / ".join(STAGES) + ") | wall s |",
              "|---|---|---|---|---:|---:|---:|---:|---:|---:|---|---:|", *_rows(results), "",
              "Issue 13's numbers for the same setting (3 seeds, 50%): "
