@@ -10,6 +10,7 @@ the same plan.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import resource
@@ -74,6 +75,19 @@ def make_accelerator(gradient_accumulation_steps: int, mixed_precision: str | No
         ds["train_batch_size"] = micro_batch_size * gradient_accumulation_steps * accelerator.num_processes
         ds["gradient_clipping"] = max_grad_norm or 0.0
     return accelerator
+
+
+def launch_zero_stage() -> int | None:
+    """The ZeRO stage an `accelerate launch` with a DeepSpeed config asks for (read from the environment it sets),
+    for commands that do not build an Accelerator; None without DeepSpeed."""
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
+        return None
+    config_file = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    if config_file and config_file != "None":
+        with open(config_file) as f:
+            return int(json.load(f).get("zero_optimization", {}).get("stage", 0))
+    stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "0")
+    return int(stage) if stage.isdigit() else 0
 
 
 def zero_stage(accelerator: Accelerator) -> int | None:

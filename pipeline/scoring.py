@@ -93,11 +93,16 @@ def pretraining_scorer(cfg: RunConfig, model: nn.Module, calibration: list[Batch
     return scorer, batches
 
 
+def make(scoring: Scoring) -> earlycrop.Criterion:
+    """The recipe's criterion, given the options it accepts."""
+    return earlycrop.make_criterion(scoring.criterion, **earlycrop.criterion_options(scoring.criterion, **scoring.options))
+
+
 def score(model: nn.Module, scoring: Scoring, calibration: list[Batch], *, pretraining=None,
           progress: bool = False) -> Scores:
     """Scores over every rank's shard of `calibration`. `pretraining` builds the pre-training scorer
     (a callable `(model, calibration) -> (scorer, batches)`) when the objective asks for it."""
-    criterion = earlycrop.make_criterion(scoring.criterion, **earlycrop.criterion_options(scoring.criterion, **scoring.options))
+    criterion = make(scoring)
     scorer, batches = model, calibration
     if scoring.objective == "pretraining" and criterion.uses_data:
         if pretraining is None:

@@ -16,10 +16,16 @@ process scores the whole model over all the batches (docs/DESIGN.md §4):
 
 Every rank must run the same number of forward/backward passes (each one gathers parameters collectively), so
 the calibration batches must divide evenly over the ranks.
+
+Surgery: rank 0 builds the pruned model on the meta device (`earlycrop.prune` sets its shapes and config) and
+gives it storage; `consolidate_pruned` then gathers the dense model one block at a time, cuts the block's kept
+slices as `earlycrop.prune` would, copies them in and releases the block. No rank ever holds the dense model:
+rank 0 peaks at the pruned model plus one dense block.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from contextlib import contextmanager
 from pathlib import Path
@@ -216,3 +222,66 @@ def _magnitude(ctx: ScoringContext) -> Scores:
     squares = ctx.reduce_all(squares)
     return Scores(heads=[t.sqrt() for t in squares[0::2]], neurons=[t.sqrt() for t in squares[1::2]])
 
+
+
+def pruned_skeleton(model: nn.Module, plan: earlycrop.Plan, dtype: torch.dtype) -> nn.Module:
+    """The model `plan` leaves, with uninitialised storage: built on the meta device and cut there, so the dense
+    shape is never allocated; `consolidate_pruned` fills it."""
+    with torch.device("meta"):
+        skeleton = type(model)(copy.deepcopy(model.config))
+    earlycrop.prune(skeleton, plan)
+    skeleton = skeleton.to(dtype).to_empty(device="cpu")
+    skeleton.tie_weights()  # leaving the meta device makes new Parameters, so tied ones are tied again
+    return skeleton
+
+
+def _gathered_block(adapter, block: nn.Module, layer, kept: tuple[list[int], list[int], list[int]]) -> dict[int, torch.Tensor]:
+    """Inside a gather: every parameter of `block` (by id) cut like `earlycrop.prune` cuts it, slices applied in
+    the same order (a parameter sliced twice is sliced again on the result)."""
+    heads, kv_heads, neurons = kept
+    current: dict[tuple[int, str], torch.Tensor] = {}
+    for s in adapter.attention_slices(layer, heads, kv_heads) + adapter.mlp_slices(layer, neurons):
+        key = (id(s.module), s.name)
+        value = current.get(key, s.parameter.detach())
+        current[key] = value.index_select(s.dim, s.index.to(value.device))
+    return {id(p): current.get((id(m), n), p.detach()) for m in block.modules() for n, p in m.named_parameters(recurse=False)}
+
+
+def consolidate_pruned(model: nn.Module, plan: earlycrop.Plan, target: nn.Module | None) -> None:
+    """Copy the kept part of the ZeRO-3-partitioned `model` into `target` (rank 0's `pruned_skeleton`; None on
+    the other ranks, which only take part in the gathers), one block at a time, then the parameters outside the
+    blocks (embeddings, final norm, head) one at a time."""
+    import deepspeed
+
+    adapter = earlycrop.get_adapter(model)
+    with full_shapes(model):
+        layers = adapter.layers(model)
+    owners = {id(p): name for name, p in model.named_parameters()}
+    written: set[str] = set()
+
+    def copy_into(values: dict[int, torch.Tensor]) -> None:
+        if target is None:
+            return
+        with torch.no_grad():
+            for pid, value in values.items():
+                target.get_parameter(owners[pid]).copy_(value)
+                written.add(owners[pid])
+
+    for block, layer, *kept in zip(adapter.blocks(model), layers, plan.heads, plan.kv_heads, plan.neurons):
+        params = list(block.parameters())
+        with deepspeed.zero.GatheredParameters(params):
+            if target is not None:
+                copy_into(_gathered_block(adapter, block, layer, tuple(kept)))
+    inside = {id(p) for block in adapter.blocks(model) for p in block.parameters()}
+    for p in model.parameters():
+        if id(p) not in inside:
+            with deepspeed.zero.GatheredParameters([p]):
+                copy_into({id(p): p.detach()})
+    if target is None:
+        return
+    missing = {name for name, _ in target.named_parameters()} - written
+    if missing:
+        raise RuntimeError(f"consolidation left {sorted(missing)[:3]} of the pruned model unwritten")
+    with torch.no_grad():
+        for name, buffer in target.named_buffers():  # not partitioned: every rank holds them whole
+            buffer.copy_(model.get_buffer(name))

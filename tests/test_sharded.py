@@ -10,7 +10,7 @@ import resource
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 import earlycrop
 from launch.cli import main
@@ -155,3 +155,62 @@ def test_zero3_ranks_never_hold_the_model_whole(zero3_scores):
         exact, uneven = checks["refusals"]
         assert "use hvp: finite_difference" in exact
         assert "divide evenly over the 2 ranks" in uneven and "got 3" in uneven
+
+
+# ------------------------------------------------ `earlycrop prune` under accelerate launch with ZeRO-3
+
+ZERO3_PRUNES = {
+    # family, arguments: GQA Llama with finite-difference earlycrop (uniform: plain transformers loads it) and
+    # GPT-2 (tied embeddings, fused q/k/v) with snip and a global layout (earlycrop.from_pretrained loads it)
+    "llama-earlycrop": ("llama", ["--criterion", "earlycrop", "--hvp", "finite_difference", "--layout", "uniform"]),
+    "gpt2-snip": ("gpt2", ["--criterion", "snip", "--layout", "global"]),
+}
+
+
+def _saved_with_tokenizer(folder, family: str, tokenizer) -> None:
+    torch.manual_seed(0)
+    if family == "llama":
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
+    else:
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=4, n_inner=64,
+                                           n_positions=64))
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(ZERO3_PRUNES))
+def test_prune_under_zero3_gives_the_outputs_of_one_process(tmp_path, case):
+    """Two ZeRO-3 ranks (the model partitioned while it loads, cut block by block) save the model, plan and scores
+    one process saves; the pruned model loads and computes the same logits."""
+    family, extra = ZERO3_PRUNES[case]
+    tokenizer = data_lib.train_tokenizer(list(data_lib.load_documents("gensim:lee")["text"]), 300)
+    _saved_with_tokenizer(tmp_path / "model", family, tokenizer)
+    args = ["prune", "--model", str(tmp_path / "model"), "--data", "gensim:lee", "--heads", "0.5", "--mlp", "0.5",
+            "--batches", "2", "--batch-size", "2", "--seq-len", "16", *extra]
+    two = launching.accelerate("launch/accelerate/cpu_2proc_zero3.yaml", "-m", "launch.cli", *args, "--out", str(tmp_path / "z3"))
+    assert "DeepSpeed ZeRO-3: parameters partitioned" in two.stdout
+    assert [rank for rank, _ in _peaks(two.stdout)] == [0, 1]
+    assert main([*args, "--out", str(tmp_path / "one")]) == 0
+    z3, one = tmp_path / "z3", tmp_path / "one"
+    assert json.loads((z3 / "plan.json").read_text()) == json.loads((one / "plan.json").read_text())
+    weights_z3, weights_one = load_file(z3 / "model.safetensors"), load_file(one / "model.safetensors")
+    assert weights_z3.keys() == weights_one.keys()
+    assert all(torch.equal(weights_z3[k], weights_one[k]) for k in weights_one)  # the same slices of the same weights
+    scores_z3, scores_one = load_file(z3 / "scores.safetensors"), load_file(one / "scores.safetensors")
+    for key, whole in scores_one.items():
+        err = ((scores_z3[key] - whole).abs().amax(1) / whole.abs().amax(1)).max()
+        assert err <= ZERO3_TOLERANCE.get("earlycrop:finite_difference" if family == "llama" else "snip", 1e-5)
+    ids = torch.tensor([tokenizer.encode("the market rallied after the report")])
+    assert torch.equal(earlycrop.from_pretrained(z3)(ids).logits, earlycrop.from_pretrained(one)(ids).logits)
+    if family == "llama":
+        assert torch.equal(LlamaForCausalLM.from_pretrained(z3)(ids).logits, earlycrop.from_pretrained(one)(ids).logits)
+
+
+def test_prune_refuses_float64_scoring_under_zero3(tmp_path, model_folder, monkeypatch, capsys):
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(launching.REPO / "launch/deepspeed/zero3.json"))
+    assert main(["prune", "--model", str(model_folder), *ARGS, "--score-dtype", "float64", "--out", str(tmp_path / "o")]) != 0
+    assert "--score-dtype float64 cannot be partitioned" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
