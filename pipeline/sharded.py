@@ -1,14 +1,14 @@
 """Scoring a model that DeepSpeed ZeRO-3 keeps partitioned: no rank ever holds it whole (docs/DESIGN.md §8).
 
 The model is created partitioned (transformers' ZeRO-3 integration splits each parameter over the ranks as it
-is loaded) inside a DeepSpeed engine whose optimizer (SGD, lr 0, never stepped) only exists to hold the fp32
-gradient partitions. First-order criteria then score it with the parameters partitioned, exactly as one
+is loaded) inside a DeepSpeed engine with no optimizer, which only gathers and releases the parameters around
+each module's forward and backward (no fp32 master copy, no gradient buffers). First-order criteria then score it with the parameters partitioned, exactly as one
 process scores the whole model over all the batches (docs/DESIGN.md §4):
 
 - gate criteria (`snip`, `fisher`, `activation`, and `random`): the gates are small replicated tensors outside
   the engine; forward/backward through the partitioned model gives this rank's gate gradients, all-reduced;
-- `earlycrop` / `grasp` with `hvp: finite_difference`: g from `engine.backward` (each rank's partition, through
-  `safe_get_local_grad`), ‖g‖² and ‖θ‖² from an all-reduce of partial sums, then each rank perturbs its own
+- `earlycrop` / `grasp` with `hvp: finite_difference`: g from a plain backward whose per-weight hooks sum each
+  whole weight gradient over the ranks and keep this rank's partition of it (`_local_gradient`), ‖g‖² and ‖θ‖² from an all-reduce of partial sums, then each rank perturbs its own
   partition `param.ds_tensor` by ±ε·g_local in place (`earlycrop.criteria.perturbed`, restored bit-exactly)
   between first-order passes. `hvp: exact` (double backward) is refused: it does not compose with ZeRO-3's
   gather/release hooks;
@@ -59,7 +59,7 @@ def zero3_config(micro_batch_size: int = 1, **zero_optimization) -> dict:
     zero = {"stage": 3, "stage3_param_persistence_threshold": 0, "stage3_max_reuse_distance": 0,
             "stage3_prefetch_bucket_size": 0, **zero_optimization}
     return {"train_micro_batch_size_per_gpu": micro_batch_size, "gradient_accumulation_steps": 1,
-            "zero_optimization": zero, "zero_allow_untested_optimizer": True, "steps_per_print": 2**31}
+            "zero_optimization": zero, "steps_per_print": 2**31}
 
 
 def load_partitioned(folder: str | Path, config: dict | None = None, *, dtype: torch.dtype | None = None,
@@ -79,8 +79,9 @@ def load_partitioned(folder: str | Path, config: dict | None = None, *, dtype: t
     keep = HfDeepSpeedConfig(config)  # transformers partitions while loading as long as this object lives
     model = (model_class or AutoModelForCausalLM).from_pretrained(folder, dtype=dtype, attn_implementation="eager")
     del keep
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # never stepped: holds the gradient partitions
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    # no optimizer: DeepSpeed then only partitions and gathers the parameters (no fp32 master copy, no gradient
+    # partitions or buckets); `_local_gradient` keeps the one gradient scoring needs
+    engine, *_ = deepspeed.initialize(model=model, config=config)
     return engine
 
 
@@ -127,7 +128,7 @@ def score_partitioned(engine, criterion: Criterion | str, batches: list[Batch], 
         try:
             ctx = ScoringContext(model, adapter, gates, shard_batches(batches, rank, size), partitioned_loss,
                                  all_reduce_sum, progress and rank == 0)
-            scores = _score(ctx, engine, criterion)
+            scores = _score(ctx, criterion)
         finally:
             gates.remove()
             engine.empty_partition_cache()
@@ -147,40 +148,60 @@ def _check_supported(criterion: Criterion) -> None:
                          f"earlycrop and grasp (hvp: finite_difference), magnitude, {', '.join(GATE_CRITERIA)}")
 
 
-def _score(ctx: ScoringContext, engine, criterion: Criterion) -> Scores:
+def _score(ctx: ScoringContext, criterion: Criterion) -> Scores:
     if isinstance(criterion, (EarlyCroP, GraSP)):
-        hg = _hessian_gradient_product(ctx, engine, criterion.fd_step)
+        hg = _hessian_gradient_product(ctx, criterion.fd_step)
         return ctx.as_scores([t.abs() for t in hg] if isinstance(criterion, EarlyCroP) else hg)
     if criterion.name == "magnitude":
         return _magnitude(ctx)
     return criterion.score(ctx)
 
 
-def _local_gradient(ctx: ScoringContext, engine, weights: list[nn.Parameter]) -> list[torch.Tensor]:
-    """This rank's partition of g = Σ over all ranks' batches of ∇θ L: `engine.backward` reduce-scatters each
-    batch's gradient into the partitions, averaged over the ranks (so × world size is the sum)."""
-    from deepspeed.utils import safe_get_local_grad
-
-    g = None
-    for batch in ctx.iter_batches("gradient"):
-        engine.backward(ctx.loss_fn(ctx.model, batch))
-        local = [safe_get_local_grad(w) for w in weights]
-        if g is None:
-            g = [torch.zeros_like(t, dtype=torch.promote_types(t.dtype, torch.float32)) for t in local]
-        for acc, t in zip(g, local):
-            acc.add_(t)
-        engine.optimizer.zero_grad()
-    size = world()[1]
-    return [acc.mul_(size) for acc in g]
+def _partition_of(p: nn.Parameter, flat: torch.Tensor) -> torch.Tensor:
+    """This rank's partition of the flattened whole tensor `flat` of `p` (ZeRO-3 pads the last one with zeros)."""
+    rank = world()[0]
+    part = p.ds_tensor.numel()
+    out = torch.zeros(part, dtype=torch.float32, device=flat.device)
+    start = rank * part
+    valid = max(0, min(part, p.ds_numel - start))
+    out[:valid] = flat[start:start + valid]
+    return out
 
 
-def _hessian_gradient_product(ctx: ScoringContext, engine, fd_step: float) -> list[torch.Tensor]:
+def _local_gradient(ctx: ScoringContext, weights: list[nn.Parameter]) -> list[torch.Tensor]:
+    """This rank's partition of g = Σ over all ranks' batches of ∇θ L, with no optimizer buffers: as each weight's
+    gradient is accumulated (whole, while ZeRO-3 holds the weight gathered for backward), a hook sums it over the
+    ranks, keeps this rank's partition in float32 and frees it. Other parameters are frozen for the pass, so at
+    most one weight's whole gradient exists at a time."""
+    g = [torch.zeros(w.ds_tensor.numel(), dtype=torch.float32, device=w.ds_tensor.device) for w in weights]
+    index = {id(w): i for i, w in enumerate(weights)}
+
+    def keep_partition(p: nn.Parameter) -> None:
+        g[index[id(p)]].add_(_partition_of(p, all_reduce_sum(p.grad.reshape(-1).float())))
+        p.grad = None
+
+    frozen = [p for p in ctx.model.parameters() if p.requires_grad and id(p) not in index]
+    hooks = [w.register_post_accumulate_grad_hook(keep_partition) for w in weights]
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        for batch in ctx.iter_batches("gradient"):
+            ctx.loss_fn(ctx.model, batch).backward()
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for p in frozen:
+            p.requires_grad_(True)
+    return g
+
+
+def _hessian_gradient_product(ctx: ScoringContext, fd_step: float) -> list[torch.Tensor]:
     """Σ_b H_cθ·g by central differences, each rank perturbing only its own partitions (ε from global norms)."""
     weights = ctx.adapter.prunable_weights(ctx.model)
     if any(getattr(w, "ds_persist", False) for w in weights):
         raise ValueError("a prunable weight is kept whole on every rank (stage3_param_persistence_threshold > 0), so "
                          "perturbing its partition would not reach the forward: score with pipeline.sharded.zero3_config()")
-    g = _local_gradient(ctx, engine, weights)
+    g = _local_gradient(ctx, weights)
     parts = [w.ds_tensor for w in weights]
     sums = torch.tensor([sum(float(t.double().square().sum()) for t in tensors) for tensors in (g, parts)],
                         dtype=torch.float64)
