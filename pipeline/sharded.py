@@ -26,6 +26,7 @@ rank 0 peaks at the pruned model plus one dense block.
 from __future__ import annotations
 
 import copy
+import json
 import math
 from contextlib import contextmanager
 from pathlib import Path
@@ -34,6 +35,7 @@ import torch
 from torch import nn
 
 import earlycrop
+from earlycrop.families import architecture_class
 from earlycrop.criteria import (
     Batch,
     Criterion,
@@ -64,11 +66,10 @@ def zero3_config(micro_batch_size: int = 1, **zero_optimization) -> dict:
 
 def load_partitioned(folder: str | Path, config: dict | None = None, *, dtype: torch.dtype | None = None,
                      model_class=None):
-    """The DeepSpeed engine holding the model saved in `folder`, partitioned while it is loaded (call under a
-    launcher, after `deepspeed.init_distributed`)."""
+    """The DeepSpeed engine holding the model saved in `folder`, partitioned while it is built and loaded (call
+    under a launcher, after `deepspeed.init_distributed`): each rank reads only its own partitions from the files."""
     import deepspeed
-    from transformers import AutoModelForCausalLM
-    from transformers.integrations import HfDeepSpeedConfig
+    from transformers import AutoConfig
 
     if dtype not in (None, torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"DeepSpeed ZeRO-3 partitions only float32, bfloat16 and float16 parameters (zero.Init asserts "
@@ -76,13 +77,58 @@ def load_partitioned(folder: str | Path, config: dict | None = None, *, dtype: t
     config = config or zero3_config()
     if config.get("zero_optimization", {}).get("stage") != 3:
         raise ValueError("load_partitioned needs a ZeRO stage 3 config (zero_optimization.stage = 3)")
-    keep = HfDeepSpeedConfig(config)  # transformers partitions while loading as long as this object lives
-    model = (model_class or AutoModelForCausalLM).from_pretrained(folder, dtype=dtype, attn_implementation="eager")
-    del keep
+    model_config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
+    model_config._attn_implementation = "eager"  # scoring's backward must not use fused kernels' approximations
+    # zero.Init partitions every parameter as its module is created: no rank ever builds the model whole
+    with deepspeed.zero.Init(config_dict_or_path=config, dtype=dtype or torch.float32):
+        model = (model_class or architecture_class(model_config))(model_config)
+    load_partitions(model, Path(folder))
     # no optimizer: DeepSpeed then only partitions and gathers the parameters (no fp32 master copy, no gradient
     # partitions or buckets); `_local_gradient` keeps the one gradient scoring needs
     engine, *_ = deepspeed.initialize(model=model, config=config)
     return engine
+
+
+def _safetensors_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        return [folder / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    if (folder / "model.safetensors").exists():
+        return [folder / "model.safetensors"]
+    raise FileNotFoundError(f"{folder} holds no model.safetensors (earlycrop loads safetensors weights only)")
+
+
+def load_partitions(model: nn.Module, folder: Path) -> None:
+    """Copy this rank's partition of every parameter from `folder`'s safetensors files, reading only the rows that
+    hold it (`safe_open(...).get_slice`): a rank's peak is its partitions plus one partition's rows."""
+    from safetensors import safe_open
+
+    rank = world()[0]
+    params = dict(model.named_parameters())
+    prefix = f"{model.base_model_prefix}."
+    loaded = set()
+    for file in _safetensors_files(folder):
+        with safe_open(file, framework="pt") as f:
+            for key in f.keys():
+                name = key if key in params else prefix + key  # a base-model folder loaded into a model with a head
+                if name not in params:
+                    continue  # a buffer or a tied copy
+                p, rows = params[name], f.get_slice(key)
+                if tuple(rows.get_shape()) != tuple(p.ds_shape):
+                    raise ValueError(f"{file}: {key} has shape {rows.get_shape()}, the model expects {tuple(p.ds_shape)}")
+                part, width = p.ds_tensor.numel(), math.prod(p.ds_shape[1:])
+                start = rank * part
+                valid = max(0, min(part, p.ds_numel - start))
+                first, last = start // width, -(-(start + valid) // width)
+                flat = rows[first:last].reshape(-1)[start - first * width:][:valid]
+                with torch.no_grad():
+                    p.ds_tensor.zero_()
+                    p.ds_tensor[:valid].copy_(flat)
+                loaded.add(name)
+    missing = set(params) - loaded
+    if missing:
+        raise ValueError(f"{folder} lacks {len(missing)} of the model's weights ({', '.join(sorted(missing)[:3])}): "
+                         "ZeRO-3 scoring loads a folder saved for the model's own class")
 
 
 @contextmanager
