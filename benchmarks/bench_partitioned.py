@@ -32,6 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from results_file import write_section  # noqa: E402
+from sweep_runner import add_report_args, load_results  # noqa: E402
 
 RECORDS = ROOT / "benchmarks" / "records" / "partitioned.jsonl"
 SECTION = "## Scoring with partitioned parameters: one process, DDP, ZeRO-3 (bench_partitioned.py)"
@@ -118,12 +119,8 @@ def append(path: Path, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
-def load(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-
-
 def sweep(args: argparse.Namespace) -> None:
-    done = {(r["size"], r["case"]) for r in load(args.records)}
+    done = {(r["size"], r["case"]) for r in load_results(args.records)}
     for size in args.sizes:
         for case in args.cases:  # `one` first: the others' scores are compared with it
             if (size, case) in done:
@@ -156,7 +153,7 @@ def _rows(records: list[dict]) -> list[str]:
 
 
 def report(args: argparse.Namespace) -> None:
-    records = load(args.records)
+    records = load_results(args.records)
     if not records:
         raise SystemExit(f"no records in {args.records}")
     lines = [SECTION, "",
@@ -183,17 +180,14 @@ def main() -> None:
     ap.add_argument("--sizes", type=lambda s: s.split(","), default=["300m"], help=f"comma-separated, from: {', '.join(SHAPES)}")
     ap.add_argument("--cases", type=lambda s: s.split(","), default=list(CASES), help="comma-separated, from: one, ddp, zero3")
     ap.add_argument("--out", default=str(ROOT / "runs" / "bench_partitioned"), help="model folders and pruned outputs")
-    ap.add_argument("--records", type=Path, default=None, help="JSONL of finished cases (default: the committed records; "
-                                                               "<out>/partitioned.jsonl for --sizes tiny)")
-    ap.add_argument("--report", action="store_true", help="write the RESULTS.md section from the records")
-    ap.add_argument("--results", default=str(ROOT / "benchmarks" / "RESULTS.md"))
-    ap.add_argument("--extra", help="a markdown file appended to the section (hand-written notes)")
+    add_report_args(ap, ROOT)  # --records (default here: the committed records; <out>/partitioned.jsonl for tiny)
     args = ap.parse_args()
     bad = [s for s in args.sizes if s not in SHAPES] + [c for c in args.cases if c not in CASES]
     if bad:
         ap.error(f"unknown sizes/cases {bad}")
     if args.records is None:
         args.records = Path(args.out) / "partitioned.jsonl" if args.sizes == ["tiny"] else RECORDS
+    args.records = Path(args.records)
     report(args) if args.report else sweep(args)
 
 

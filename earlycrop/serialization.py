@@ -38,17 +38,20 @@ def save_pretrained(model: PreTrainedModel, out_dir: str | Path, tokenizer=None)
     return out
 
 
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+def safetensors_files(path: Path) -> list[Path]:
+    """The weight files of a model folder: the shards its index names, or its one model.safetensors."""
     index = path / "model.safetensors.index.json"
     if index.exists():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    elif (path / "model.safetensors").exists():
-        files = ["model.safetensors"]
-    else:
-        raise FileNotFoundError(f"{path} holds no model.safetensors (earlycrop loads safetensors weights only)")
+        return [path / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    if (path / "model.safetensors").exists():
+        return [path / "model.safetensors"]
+    raise FileNotFoundError(f"{path} holds no model.safetensors (earlycrop loads safetensors weights only)")
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     state: dict[str, torch.Tensor] = {}
-    for name in files:
-        state.update(load_file(path / name))
+    for file in safetensors_files(path):
+        state.update(load_file(file))
     return state
 
 

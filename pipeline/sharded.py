@@ -26,7 +26,6 @@ rank 0 peaks at the pruned model plus one dense block.
 from __future__ import annotations
 
 import copy
-import json
 import math
 from contextlib import contextmanager
 from pathlib import Path
@@ -36,6 +35,7 @@ from torch import nn
 
 import earlycrop
 from earlycrop.families import architecture_class
+from earlycrop.serialization import safetensors_files
 from earlycrop.criteria import (
     Batch,
     Criterion,
@@ -89,15 +89,6 @@ def load_partitioned(folder: str | Path, config: dict | None = None, *, dtype: t
     return engine
 
 
-def _safetensors_files(folder: Path) -> list[Path]:
-    index = folder / "model.safetensors.index.json"
-    if index.exists():
-        return [folder / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
-    if (folder / "model.safetensors").exists():
-        return [folder / "model.safetensors"]
-    raise FileNotFoundError(f"{folder} holds no model.safetensors (earlycrop loads safetensors weights only)")
-
-
 def load_partitions(model: nn.Module, folder: Path) -> None:
     """Copy this rank's partition of every parameter from `folder`'s safetensors files, reading only the rows that
     hold it (`safe_open(...).get_slice`): a rank's peak is its partitions plus one partition's rows."""
@@ -107,7 +98,7 @@ def load_partitions(model: nn.Module, folder: Path) -> None:
     params = dict(model.named_parameters())
     prefix = f"{model.base_model_prefix}."
     loaded = set()
-    for file in _safetensors_files(folder):
+    for file in safetensors_files(folder):
         with safe_open(file, framework="pt") as f:
             for key in f.keys():
                 name = key if key in params else prefix + key  # a base-model folder loaded into a model with a head
