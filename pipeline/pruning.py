@@ -60,6 +60,7 @@ class Pruner:
         self.scoring = scoring.for_run(cfg)
         # S = the fraction of parameters the plan removes; checkpointed so --resume keeps w_1 and the trace
         self.rule = WeightDistanceRule(p.auto_interval, p.auto_cap, min(sparsity, 0.99)) if p.prune_at == "auto" else None
+        self.plan: earlycrop.Plan | None = None  # the cut made (or replayed on resume)
 
     @property
     def mid_training(self) -> bool:
@@ -99,6 +100,7 @@ class Pruner:
         check_same_on_all_ranks(plan.to_json(), "pruning plan")
         if self.accelerator.is_main_process:
             plan.save(self.out / PLAN_FILE)
+        self.plan = plan
         return scores, plan
 
     def _provenance(self) -> dict[str, str]:
@@ -156,7 +158,8 @@ class Pruner:
 
     def reapply(self, model) -> None:
         """A resumed run whose checkpoint holds the pruned shape: rebuild that shape, load_state fills the weights."""
-        earlycrop.prune(model, earlycrop.Plan.load(self.out / PLAN_FILE))
+        self.plan = earlycrop.Plan.load(self.out / PLAN_FILE)
+        earlycrop.prune(model, self.plan)
 
 
 def log_event(tracker, event: PruneEvent, out: Path, rule: WeightDistanceRule | None = None) -> None:

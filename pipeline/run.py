@@ -22,7 +22,9 @@ import transformers
 
 import earlycrop
 from earlycrop.distill import Teacher
+from earlycrop.memory import ModelShape
 
+from .compute import phase_positions, training_flops
 from .config import RunConfig
 from .distributed import (describe_launch, describe_peak_memory, is_collective_timeout, make_accelerator, peak_memory_per_rank, quiet_expected_tied_weights, whole_parameters, zero_stage)
 from .finetune import load_teacher, make_distiller, recover, recovery_blocks, teacher_dtype, warm_up_new_head
@@ -119,6 +121,7 @@ class Job:
         quiet_expected_tied_weights(self.model)
         self.accelerator.print(f"earlycrop run: {describe_launch(self.accelerator, next(self.model.parameters()).dtype)}")
         self.dense_params = sum(p.numel() for p in self.model.parameters())
+        self.dense_shape = ModelShape.from_model(self.model)
         self.sparsity = self.dry_run()
         self.tracker = self.open_tracker()
 
@@ -287,7 +290,7 @@ class Job:
         summary = {**final, **{f"{k}_at_start": v for k, v in self.start_metrics.items()},
                    "params_dense": self.dense_params, "params_final": sum(p.numel() for p in unwrapped.parameters()),
                    "steps": self.state.step, "pruned_at": self.state.pruned_at, "finished": self.state.step >= self.cfg.train.max_steps,
-                   **{f"time_{k}_s": v for k, v in self.timer.seconds.items()}}
+                   **{f"time_{k}_s": v for k, v in self.timer.seconds.items()}, **self.flops()}
         if torch.cuda.is_available():
             summary["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
         else:
@@ -301,6 +304,17 @@ class Job:
         self.tracker.log_metrics({k: float(v) for k, v in summary.items() if k not in on_a_curve
                                   and isinstance(v, (int, float)) and not isinstance(v, bool)}, step=self.state.step)
         return summary
+
+    def flops(self) -> dict[str, float]:
+        """Training FLOPs by phase (pipeline.compute): dense and pruned steps, teacher, recovery, head warm-up."""
+        t, world, seq = self.cfg.train, self.accelerator.num_processes, self.prepared.train_blocks["input_ids"].shape[1]
+        plan = self.pruner.plan if self.pruner is not None and self.state.pruned_at is not None else None
+        final = self.dense_shape if plan is None else self.dense_shape.with_counts(**plan.counts())
+        positions = phase_positions(
+            tokens=self.state.tokens, tokens_per_step=t.micro_batch_size * t.gradient_accumulation_steps * world * seq,
+            pruned_at=self.state.pruned_at, recovery_steps=t.recovery_steps, recovery_tokens_per_step=t.micro_batch_size * world * seq,
+            head_warmup_steps=t.head_warmup_steps, distilled=t.distill.enabled)
+        return training_flops(self.dense_shape, final, seq, positions)
 
     def save(self, summary: dict) -> None:
         """The final model (only a finished run: a SIGTERM-stopped one leaves its checkpoint), plots, summary."""

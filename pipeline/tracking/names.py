@@ -32,6 +32,7 @@ SECTION_PREFIXES = (
     ("recovery_", "recovery/"),
     ("budget.", "budget/"),
     ("time_", "time/"),
+    ("flops_", "flops/"),
     ("peak_memory_rank", "system/peak_memory_rank"),
 )
 
