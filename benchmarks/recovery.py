@@ -89,6 +89,15 @@ VARIANTS: dict[str, list[str]] = {
                                    "train.max_steps=106", "train.warmup_steps=10", "train.distill.enabled=true",
                                    "train.distill.logits=1.0", "train.distill.task=1.0",
                                    "train.distill.teacher={dense_x2_model}"],
+    # EarlyCroP's own setting: prune EARLY in training, not before it. The dense model (new head included)
+    # fine-tunes for 10 steps, is scored through its now-trained head on the task loss and cut; the pruned model
+    # trains for the remaining 43 steps on a restarted schedule (same 53 steps × 16 posts as dense)
+    "earlycrop-uniform@early10": ["prune.criterion=earlycrop", "prune.layout=uniform", "prune.objective=task",
+                                  "prune.prune_at=10"],
+    "earlycrop-uniform@early20": ["prune.criterion=earlycrop", "prune.layout=uniform", "prune.objective=task",
+                                  "prune.prune_at=20"],
+    # the control: the same early cut scored by weight magnitude (the dense steps alone, without EarlyCroP's scores)
+    "magnitude-uniform@early10": ["prune.criterion=magnitude", "prune.layout=uniform", "prune.prune_at=10"],
     "magnitude-uniform+recovery+kd": ["prune.criterion=magnitude", "prune.layout=uniform", "train.recovery_steps=50",
                                       "train.distill.enabled=true", "train.distill.hidden=1.0", "train.distill.task=1.0"],
 }
@@ -259,6 +268,41 @@ def reference(variant: str) -> str:
     return "dense@x2" if variant.endswith("@x2") else "dense"
 
 
+def _setting(record: dict, key: str, default: str) -> str:
+    """The last override of `key` in a record (later overrides win, as in load_config)."""
+    values = [o.split("=", 1)[1] for o in record["overrides"] if o.startswith(f"{key}=")]
+    return values[-1] if values else default
+
+
+def record_flops(record: dict, dense_shape) -> float:
+    """Training FLOPs of a recorded run by the pipeline's own accounting (pipeline.compute), rebuilt from its
+    overrides, plan counts and cut step, so records written before runs logged `flops_total` get the same figure."""
+    from pipeline.compute import phase_positions, training_flops
+
+    seq, micro = int(_setting(record, "data.seq_len", "128")), int(_setting(record, "train.micro_batch_size", "16"))
+    counts = record["counts"]
+    final = dense_shape if counts is None else dense_shape.with_counts(counts["heads"], counts["heads"], counts["neurons"])
+    positions = phase_positions(
+        tokens=record["summary"]["steps"] * micro * seq, tokens_per_step=micro * seq, pruned_at=record["summary"]["pruned_at"],
+        recovery_steps=int(_setting(record, "train.recovery_steps", "0")), recovery_tokens_per_step=micro * seq,
+        head_warmup_steps=int(_setting(record, "train.head_warmup_steps", "0")),
+        distilled=_setting(record, "train.distill.enabled", "false") == "true")
+    return training_flops(dense_shape, final, seq, positions)["flops_total"]
+
+
+def minilm_shape(records: list[dict]):
+    """The dense MiniLM + 2-label head as a ModelShape, from the extracted folder's config (built on meta)."""
+    import torch
+    from transformers import AutoConfig, BertForSequenceClassification
+
+    from earlycrop.memory import ModelShape
+
+    folder = next(o.split("=", 1)[1] for o in records[0]["overrides"] if o.startswith("model.name_or_path="))
+    config = AutoConfig.from_pretrained(folder, num_labels=2)
+    with torch.device("meta"):
+        return ModelShape.from_model(BertForSequenceClassification(config))
+
+
 def _rows(results: list[dict]) -> list[str]:
     """One table row per variant × ratio; Δ pairs each run with the dense run of its seed (and split) trained
     for as many steps."""
@@ -267,6 +311,9 @@ def _rows(results: list[dict]) -> list[str]:
     for r in results:
         groups[(r["variant"], r["ratio"], r["split"])].append(r)
     rows = []
+    shape = minilm_shape(results)
+    flops = {r["key"]: record_flops(r, shape) for r in results}
+    dense_flops = {(r["variant"], r["seed"], r["split"]): flops[r["key"]] for r in results if is_dense(r["variant"])}
     order = {v: i for i, v in enumerate(VARIANTS)}
     for (variant, ratio, split), rs in sorted(groups.items(), key=lambda kv: (order.get(kv[0][0], 99), kv[0][1] or 0, kv[0][2])):
         rs.sort(key=lambda r: r["seed"])
@@ -277,11 +324,14 @@ def _rows(results: list[dict]) -> list[str]:
         d_acc = [s["val_accuracy"] - d["val_accuracy"] for s, d in paired]
         d_loss = [s["val_loss"] - d["val_loss"] for s, d in paired]
         stages = " / ".join(f"{statistics.mean(r['summary'].get(f'time_{k}_s', 0.0) for r in rs):.0f}" for k in STAGES)
+        # training compute against dense trained for as many steps (dense@x1 for every row: the compute bar)
+        cost = [flops[r["key"]] / dense_flops[("dense", r["seed"], split)] for r in rs if ("dense", r["seed"], split) in dense_flops]
         rows.append(
             f"| {variant} | {'–' if ratio is None else f'{ratio:.0%}'} | {split} | {','.join(str(r['seed']) for r in rs)} | "
             f"{_ms(acc)} | {'–' if is_dense(variant) else _ms(d_acc, '{:+.3f}')} | {_ms(loss)} | "
             f"{'–' if is_dense(variant) else _ms(d_loss, '{:+.3f}')} | {statistics.mean(r['summary']['params_final'] for r in rs):,.0f} | "
-            f"{statistics.mean(r['inference_tokens_per_s'] for r in rs):,.0f} | {stages} | "
+            f"{statistics.mean(r['inference_tokens_per_s'] for r in rs):,.0f} | "
+            f"{f'{statistics.mean(cost):.2f}×' if cost else '–'} | {stages} | "
             f"{statistics.mean(r['wall_s'] for r in rs):.0f} |")
     return rows
 
@@ -320,8 +370,8 @@ def report(args: argparse.Namespace) -> None:
              + " / ".join(STAGES) + ".",
              "", _split_note(sorted(set(seeds) | set(range(5)))), "",
              "| variant | removed | test set | seeds | test accuracy | Δ accuracy vs dense (paired; `@x2` vs dense@x2) | test loss | "
-             "Δ loss vs dense (paired) | params | inference tokens/s | stage s (" + " / ".join(STAGES) + ") | wall s |",
-             "|---|---|---|---|---:|---:|---:|---:|---:|---:|---|---:|", *_rows(results), "",
+             "Δ loss vs dense (paired) | params | inference tokens/s | training FLOPs vs dense@x1 | stage s (" + " / ".join(STAGES) + ") | wall s |",
+             "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|", *_rows(results), "",
              "Issue 13's numbers for the same setting (3 seeds, 50%): "
              + "; ".join(f"{name} {acc:.3f} / {loss:.3f}" for name, acc, loss in ISSUE_13) + " (accuracy / loss).", ""]
     text = "\n".join(lines).rstrip() + "\n"
