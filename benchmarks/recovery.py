@@ -98,6 +98,11 @@ VARIANTS: dict[str, list[str]] = {
                                   "prune.prune_at=20"],
     # the control: the same early cut scored by weight magnitude (the dense steps alone, without EarlyCroP's scores)
     "magnitude-uniform@early10": ["prune.criterion=magnitude", "prune.layout=uniform", "prune.prune_at=10"],
+    # the early cut with distillation from the dense model as it is at the cut (its new head trained for 10 steps,
+    # so the logit term applies): logit KL (T = 2) + layer-wise hidden MSE + task loss, from step 10 on
+    "earlycrop-uniform@early10+kd": ["prune.criterion=earlycrop", "prune.layout=uniform", "prune.objective=task",
+                                     "prune.prune_at=10", "train.distill.enabled=true", "train.distill.logits=1.0",
+                                     "train.distill.hidden=1.0", "train.distill.task=1.0"],
     "magnitude-uniform+recovery+kd": ["prune.criterion=magnitude", "prune.layout=uniform", "train.recovery_steps=50",
                                       "train.distill.enabled=true", "train.distill.hidden=1.0", "train.distill.task=1.0"],
 }
@@ -286,8 +291,17 @@ def record_flops(record: dict, dense_shape) -> float:
         tokens=record["summary"]["steps"] * micro * seq, tokens_per_step=micro * seq, pruned_at=record["summary"]["pruned_at"],
         recovery_steps=int(_setting(record, "train.recovery_steps", "0")), recovery_tokens_per_step=micro * seq,
         head_warmup_steps=int(_setting(record, "train.head_warmup_steps", "0")),
-        distilled=_setting(record, "train.distill.enabled", "false") == "true")
+        distilled=distilled(record))
     return training_flops(dense_shape, final, seq, positions)["flops_total"]
+
+
+def distilled(record: dict) -> str:
+    """When the run's teacher taught (pipeline.compute.phase_positions): from an early cut when it is the dense
+    model taken there, from the start when it is a folder or the cut is at step 0."""
+    if _setting(record, "train.distill.enabled", "false") != "true":
+        return "no"
+    early = _setting(record, "prune.prune_at", "0") != "0" and _setting(record, "train.distill.teacher", "null") == "null"
+    return "after_cut" if early else "throughout"
 
 
 def minilm_shape(records: list[dict]):

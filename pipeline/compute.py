@@ -9,6 +9,7 @@ forward alone is a third of it. Scoring passes are not counted here: their wall 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from earlycrop.memory import ModelShape
 
@@ -25,12 +26,15 @@ class Positions:
 
 
 def phase_positions(*, tokens: float, tokens_per_step: float, pruned_at: int | None, recovery_steps: int,
-                    recovery_tokens_per_step: float, head_warmup_steps: int, distilled: bool) -> Positions:
-    """Split a run's trained positions at the cut; the teacher reads what the student reads while it teaches."""
+                    recovery_tokens_per_step: float, head_warmup_steps: int,
+                    distilled: Literal["no", "after_cut", "throughout"]) -> Positions:
+    """Split a run's trained positions at the cut; the teacher reads what the student reads while it teaches
+    (from the cut on when it is the dense model taken there, from step 0 when it is a folder)."""
     before = tokens if pruned_at is None else min(tokens, pruned_at * tokens_per_step)
     after = tokens - before
     recovery = recovery_steps * recovery_tokens_per_step
-    return Positions(dense_training=before, pruned_training=after, teacher=(after if distilled else 0.0) + recovery,
+    taught = {"no": 0.0, "after_cut": after, "throughout": tokens}[distilled]
+    return Positions(dense_training=before, pruned_training=after, teacher=taught + recovery,
                      recovery=recovery, head_warmup=head_warmup_steps * recovery_tokens_per_step)
 
 

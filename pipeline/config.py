@@ -15,8 +15,6 @@ from pydantic_core import PydanticCustomError
 
 import earlycrop
 from earlycrop.budget import DEFAULT_HEADROOM
-from earlycrop.criteria import CRITERIA
-from earlycrop.families import FAMILIES
 
 
 class _Strict(BaseModel):
@@ -41,8 +39,8 @@ class ModelConfig(_Strict):
     @classmethod
     def _known_family(cls, value: str | None) -> str | None:
         # the choices come from the adapter registry; the error reads like pydantic's own Literal error
-        if value is not None and value not in FAMILIES:
-            names = [repr(name) for name in FAMILIES]
+        if value is not None and value not in earlycrop.FAMILIES:
+            names = [repr(name) for name in earlycrop.FAMILIES]
             expected = f"{', '.join(names[:-1])} or {names[-1]}" if len(names) > 1 else names[0]
             raise PydanticCustomError("literal_error", "Input should be {expected}", {"expected": expected})
         return value
@@ -53,15 +51,15 @@ class ModelConfig(_Strict):
             raise ValueError("set exactly one of model.name_or_path (a model folder) or model.family (from scratch)")
         if self.family is not None:
             _check_init(self.family, self.init)
-        if self.family is not None and self.task not in FAMILIES[self.family].tasks:
-            able = ", ".join(name for name, adapter in FAMILIES.items() if self.task in adapter.tasks)
+        if self.family is not None and self.task not in earlycrop.FAMILIES[self.family].tasks:
+            able = ", ".join(name for name, adapter in earlycrop.FAMILIES.items() if self.task in adapter.tasks)
             raise ValueError(f"model.task={self.task} needs a family that supports it (model.family: {able}), not {self.family}")
         return self
 
 
 def _check_init(family: str, init: dict[str, Any]) -> None:
     """transformers configs swallow unknown kwargs and check shapes only when the model is built: check both now."""
-    config_class = FAMILIES[family].config_class
+    config_class = earlycrop.FAMILIES[family].config_class
     defaults = config_class()
     try:
         built = config_class(**init)
@@ -110,8 +108,8 @@ class ScoringSettings(_Strict):
     @field_validator("criterion")
     @classmethod
     def _known_criterion(cls, value: str) -> str:
-        if value not in CRITERIA and value != "auto":
-            raise ValueError(f"unknown criterion {value!r}; choose one of: {', '.join(sorted(CRITERIA))}, or auto")
+        if value not in earlycrop.CRITERIA and value != "auto":
+            raise ValueError(f"unknown criterion {value!r}; choose one of: {', '.join(sorted(earlycrop.CRITERIA))}, or auto")
         return value
 
 
@@ -154,9 +152,11 @@ class PruneConfig(ScoringSettings, SelectionSettings):
 
 
 class DistillConfig(_Strict):
-    """Distillation from the dense model: the teacher is the model as built, frozen, taken before the cut
-    (earlycrop.distill). Each term has its weight; `logits` applies only where the teacher's head is
-    trained (a causal or masked LM, or a classifier saved with its head), never through a new head."""
+    """Distillation from the dense model, frozen, taken just before the cut (earlycrop.distill): the model as
+    built for `prune_at: 0`, the dense model as trained so far for a later cut (distillation then starts at the
+    cut). Each term has its weight; `logits` applies only where the teacher's head is trained (a causal or
+    masked LM, a classifier saved with its head, or any head after dense training steps), never through a new
+    random head."""
 
     enabled: bool = False
     task: float = Field(1.0, ge=0.0)
@@ -259,9 +259,12 @@ class RunConfig(_Strict):
         if self.train.head_warmup_steps and self.model.name_or_path is None:
             raise ValueError("train.head_warmup_steps trains the new head of a pretrained model: set model.name_or_path "
                              "or train.head_warmup_steps=0")
-        if (self.train.distill.enabled or self.train.recovery_steps) and self.prune.prune_at != 0:
-            raise ValueError("train.distill and train.recovery_steps need prune.prune_at: 0 (the teacher is the dense "
-                             f"model before the cut), not {self.prune.prune_at!r}")
+        if self.train.recovery_steps and self.prune.prune_at != 0:
+            raise ValueError("train.recovery_steps needs prune.prune_at: 0 (recovery runs between the cut and the first "
+                             f"training step), not {self.prune.prune_at!r}")
+        if self.train.distill.enabled and self.prune.prune_at == "never":
+            raise ValueError("train.distill distils the pruned model from the dense one: it needs a cut (prune.prune_at "
+                             "is 'never')")
         if self.target is not None and self.prune.target_params is not None:
             raise ValueError("set target.budget or prune.target_params, not both (a params<=N budget does the same)")
         if self.prune.prune_at == "auto" and self.prune.auto_cap >= self.train.max_steps:
@@ -277,7 +280,7 @@ class RunConfig(_Strict):
         if self.model.family is not None:  # a model folder's limit is in its config.json, checked when it is loaded
             from .modeling import check_seq_len  # modeling imports this module
 
-            check_seq_len(FAMILIES[self.model.family].config_class(**self.model.init), self.data.seq_len, "data.seq_len")
+            check_seq_len(earlycrop.FAMILIES[self.model.family].config_class(**self.model.init), self.data.seq_len, "data.seq_len")
         return self
 
 

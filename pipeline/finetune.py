@@ -3,6 +3,9 @@ and recovering the pruned encoder by distillation from the dense one (docs/DESIG
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Literal
+
 import torch
 from accelerate import Accelerator
 
@@ -15,6 +18,7 @@ from .distributed import all_reduce_sum
 from .modeling import check_model_folder, new_parameter_names
 from .prepare import Prepared
 from .scoring import attaches_new_head
+from .outputs import TEACHER_AT_CUT
 from .train import BlockSampler
 
 
@@ -73,17 +77,52 @@ def teacher_dtype(cfg: RunConfig, model) -> torch.dtype:
 
 def make_distiller(cfg: RunConfig, teacher: Teacher) -> Distiller:
     """The logit term is used only when the teacher's head is trained (a fine-tuned `train.distill.teacher`,
-    or a model saved with its head): never through a new task head."""
+    a model saved with its head, or a teacher taken after dense training steps): never through a new task head."""
     d = cfg.train.distill
     weights = DistillWeights(logits=d.logits, temperature=d.temperature, hidden=d.hidden,
                              hidden_loss=d.hidden_loss, task=d.task)
-    trained_head = d.teacher is not None or not attaches_new_head(cfg.model.name_or_path, cfg.model.task)
+    trained_head = (d.teacher is not None or cfg.prune.prune_at != 0
+                    or not attaches_new_head(cfg.model.name_or_path, cfg.model.task))
     return Distiller(teacher, weights, use_logits=trained_head)
 
 
-def load_teacher(cfg: RunConfig, student, device) -> Teacher:
-    """`train.distill.teacher`: a fine-tuned dense folder, checked to have the student's depth and outputs."""
-    folder = cfg.train.distill.teacher
+def teacher_at_cut(cfg: RunConfig) -> bool:
+    """Distillation from the dense model as it is when a cut after step 0 happens (not a folder, not step 0)."""
+    d = cfg.train.distill
+    return d.enabled and d.teacher is None and cfg.prune.prune_at not in (0, "never")
+
+
+def distillation_span(cfg: RunConfig) -> Literal["no", "after_cut", "throughout"]:
+    """When a teacher teaches: from a cut after step 0 when it is taken there, else from the first step."""
+    if not cfg.train.distill.enabled:
+        return "no"
+    return "after_cut" if teacher_at_cut(cfg) else "throughout"
+
+
+def snapshot_teacher(cfg: RunConfig, accelerator: Accelerator, dense, out: Path) -> Teacher:
+    """The dense model just before a cut after step 0, frozen; rank 0 also saves it to `out/teacher_at_cut` so a
+    run resumed after the cut rebuilds the same teacher (it is never in a checkpoint)."""
+    teacher = Teacher.from_model(dense, teacher_dtype(cfg, dense))
+    if accelerator.is_main_process:
+        earlycrop.save_pretrained(teacher.model, out / TEACHER_AT_CUT)
+    accelerator.wait_for_everyone()
+    return teacher.to(accelerator.device)
+
+
+def fine_tuning_teacher(cfg: RunConfig, student, device, out: Path, *, cut_made: bool) -> Teacher | None:
+    """The teacher known before training starts: a `train.distill.teacher` folder, or the dense model saved at
+    the cut a resumed run already made; None otherwise (the dense model as built, or the one a later cut hands over)."""
+    if cfg.train.distill.enabled and cfg.train.distill.teacher:
+        return load_teacher(cfg, student, device)
+    if teacher_at_cut(cfg) and cut_made:
+        return load_teacher(cfg, student, device, out / TEACHER_AT_CUT)
+    return None
+
+
+def load_teacher(cfg: RunConfig, student, device, folder: str | Path | None = None) -> Teacher:
+    """A dense teacher folder (`train.distill.teacher`, or the saved teacher at the cut), checked to have the
+    student's depth and outputs."""
+    folder = folder or cfg.train.distill.teacher
     check_model_folder(folder)
     model = earlycrop.from_pretrained(folder, dtype=teacher_dtype(cfg, student), attn_implementation=cfg.model.attn_implementation)
     if type(model) is not type(student) or model.config.num_hidden_layers != student.config.num_hidden_layers:

@@ -29,8 +29,10 @@ from safetensors import SafetensorError
 from .config import RunConfig
 
 IDENTITY_FILE = "identity.json"
+TEACHER_AT_CUT = "teacher_at_cut"  # the dense model saved at a cut after step 0, when distillation needs it on resume
 # what a run writes into output_dir; any of them means the folder holds a previous run
-RUN_OUTPUTS = ("run_info.json", "summary.json", "checkpoints", "model", "plan.json", "scores.safetensors", IDENTITY_FILE)
+RUN_OUTPUTS = ("run_info.json", "summary.json", "checkpoints", "model", "plan.json", "scores.safetensors", IDENTITY_FILE,
+               TEACHER_AT_CUT)
 # kept by --overwrite: the local MLflow store and the tracking backlog hold the history of earlier runs
 # (the new run is added to it as a new MLflow run), and everything else in the folder is the user's.
 TRAINED_TOKENIZER = "tokenizer"  # a from-scratch run trains its tokenizer here

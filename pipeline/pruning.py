@@ -18,15 +18,18 @@ from safetensors.torch import load_file, save_file
 import earlycrop
 from earlycrop.budget import BudgetReport
 from earlycrop.criteria import Scores
+from earlycrop.distill import Teacher
 from earlycrop.schedule import WeightDistanceRule
 
 from . import scoring
 from .config import RunConfig
 from .distributed import check_same_on_all_ranks, prepare_pruned, torch_optimizer
+from .finetune import snapshot_teacher, teacher_at_cut
 from .plots import plot_kept_units, plot_scores
 from .prepare import Prepared
 from .target import fit_target, measured_tokens_per_s, target_report
 from .timing import StageTimer
+from .tracking import ONE_OFF_STEP
 
 SCORES_FILE = "scores.safetensors"
 PLAN_FILE = "plan.json"
@@ -42,6 +45,7 @@ class PruneEvent:
     result: earlycrop.PruneResult
     report: BudgetReport | None = None
     tokens_per_s: dict[str, float] | None = None  # forward+backward, dense and pruned, when a budget was asked for
+    teacher: Teacher | None = None  # the dense model just before a cut after step 0, when distillation asks for it
 
 
 def scores_metadata(path: Path) -> dict[str, str]:
@@ -150,11 +154,12 @@ class Pruner:
         scores, plan = self.score_and_plan(unwrapped)
         raw = torch_optimizer(self.accelerator, optimizer, unwrapped, step, self.cfg.train.lr, self.cfg.train.weight_decay)
         report = target_report(self.cfg, self.accelerator, unwrapped, plan)
+        teacher = snapshot_teacher(self.cfg, self.accelerator, unwrapped, self.out) if teacher_at_cut(self.cfg) else None
         self.accelerator.free_memory()
         with self.timer("prune"):
             result = earlycrop.prune(unwrapped, plan, raw)
         model, optimizer = prepare_pruned(self.accelerator, unwrapped, raw)
-        return model, optimizer, PruneEvent(step, scores, plan, result, report)
+        return model, optimizer, PruneEvent(step, scores, plan, result, report, teacher=teacher)
 
     def reapply(self, model) -> None:
         """A resumed run whose checkpoint holds the pruned shape: rebuild that shape, load_state fills the weights."""
@@ -163,14 +168,15 @@ class Pruner:
 
 
 def log_event(tracker, event: PruneEvent, out: Path, rule: WeightDistanceRule | None = None) -> None:
-    """Plan, scores, kept-unit and score plots, and the budget report of one cut."""
+    """Plan, scores, kept-unit and score plots, and the budget report of one cut (its figures are one-offs: the cut's
+    step is the value of prune/step)."""
     counts = event.plan.counts()
     if event.report is not None:
-        tracker.log_metrics({f"budget.{k}": float(v) for k, v in event.report.to_dict().items()}, step=event.step)
+        tracker.log_metrics({f"budget.{k}": float(v) for k, v in event.report.to_dict().items()}, step=ONE_OFF_STEP)
         tracker.log_dict({"report": event.report.format()}, "budget_report.json")
     if event.tokens_per_s:
-        tracker.log_metrics({f"budget.{k}.tokens_per_s": v for k, v in event.tokens_per_s.items() if v}, step=event.step)
-    tracker.log_metrics({"params_pruned": float(event.result.params_after), "prune_step": float(event.step)}, step=event.step)
+        tracker.log_metrics({f"budget.{k}.tokens_per_s": v for k, v in event.tokens_per_s.items() if v}, step=ONE_OFF_STEP)
+    tracker.log_metrics({"params_pruned": float(event.result.params_after), "prune_step": float(event.step)}, step=ONE_OFF_STEP)
     tracker.log_dict(event.plan.to_dict(), "plan.json")
     tracker.log_artifact(out / SCORES_FILE, "scores")
     tracker.set_tags({"plain_loadable": event.result.plain_loadable})

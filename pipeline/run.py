@@ -14,6 +14,7 @@ import resource
 import signal
 import subprocess
 from datetime import timedelta
+from functools import partial
 from pathlib import Path
 
 import datasets
@@ -27,7 +28,7 @@ from earlycrop.memory import ModelShape
 from .compute import phase_positions, training_flops
 from .config import RunConfig
 from .distributed import (describe_launch, describe_peak_memory, is_collective_timeout, make_accelerator, peak_memory_per_rank, quiet_expected_tied_weights, whole_parameters, zero_stage)
-from .finetune import load_teacher, make_distiller, recover, recovery_blocks, teacher_dtype, warm_up_new_head
+from .finetune import distillation_span, fine_tuning_teacher, make_distiller, recover, recovery_blocks, teacher_at_cut, teacher_dtype, warm_up_new_head
 from .modeling import build_model, check_seq_len
 from .outputs import check_resume_identity, check_run_output_dir, read_identity, run_identity, write_identity
 from .plots import plot_loss_curves
@@ -36,7 +37,7 @@ from .pruning import PLAN_FILE, SCORES_FILE, Pruner, log_event
 from .scoring import placeholder_plan, scoring_criterion
 from .target import fit_target
 from .timing import StageTimer
-from .tracking import create_tracker, default_run_name, end_stale_run, flatten_config
+from .tracking import ONE_OFF_STEP, create_tracker, default_run_name, end_stale_run, flatten_config
 from .train import BlockSampler, DeferredSigterm, Loop, TrainerState, evaluate, latest_checkpoint, load_trainer_state, train
 
 __all__ = ["PLAN_FILE", "SCORES_FILE", "Job", "run"]
@@ -209,9 +210,10 @@ class Job:
         """Make the pruner; cut now when prune_at is 0, or rebuild the pruned shape a checkpoint holds.
         The teacher is copied from the dense model first (it is rebuilt on resume, never checkpointed)."""
         cfg, d = self.cfg, self.cfg.train.distill
-        if cfg.train.recovery_steps or (d.enabled and d.teacher is None):
+        if cfg.train.recovery_steps or (d.enabled and d.teacher is None and cfg.prune.prune_at == 0):
             self.teacher = Teacher.from_model(self.model, teacher_dtype(cfg, self.model)).to(self.accelerator.device)
-        self.distill_teacher = load_teacher(cfg, self.model, self.accelerator.device) if d.enabled and d.teacher else self.teacher
+        cut_made = self.checkpoint is not None and self.state.pruned_at is not None
+        self.distill_teacher = fine_tuning_teacher(cfg, self.model, self.accelerator.device, self.out, cut_made=cut_made) or self.teacher
         if cfg.prune.prune_at == "never":
             return
         # a resumed run reuses saved scores whose provenance matches (a cut before training is redone only
@@ -264,7 +266,8 @@ class Job:
             cfg=cfg.train, output_dir=self.out, restart_schedule=cfg.prune.schedule_after_prune == "restart",
             log=lambda metrics, step: self.tracker.log_metrics(metrics, step=step),
             pruner=self.pruner if mid_training else None, on_prune=self.log_cut,
-            distiller=make_distiller(cfg, self.distill_teacher) if cfg.train.distill.enabled else None, identity=self.identity,
+            distiller=make_distiller(cfg, self.distill_teacher) if self.distill_teacher and cfg.train.distill.enabled else None,
+            make_distiller=partial(make_distiller, cfg) if teacher_at_cut(cfg) else None, identity=self.identity,
         )
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
@@ -298,22 +301,22 @@ class Job:
         peaks = peak_memory_per_rank()  # a collective: every rank takes part
         summary.update({f"peak_memory_rank{rank}_bytes": peak for rank, peak in enumerate(peaks)})
         self.accelerator.print(describe_peak_memory(peaks))
-        # one-off figures (times, parameters, steps, peak memory) once; the evaluations are on the val curves already,
-        # params_dense went at step 0 and the cut's step as prune/step
+        # one-off figures (times, parameters, steps, peak memory) once, at the step MLflow draws as a labelled bar;
+        # the evaluations are on the val curves already, params_dense went at step 0 and the cut's step as prune/step
         on_a_curve = {*final, *(f"{k}_at_start" for k in self.start_metrics), "params_dense", "pruned_at"}
         self.tracker.log_metrics({k: float(v) for k, v in summary.items() if k not in on_a_curve
-                                  and isinstance(v, (int, float)) and not isinstance(v, bool)}, step=self.state.step)
+                                  and isinstance(v, (int, float)) and not isinstance(v, bool)}, step=ONE_OFF_STEP)
         return summary
 
     def flops(self) -> dict[str, float]:
         """Training FLOPs by phase (pipeline.compute): dense and pruned steps, teacher, recovery, head warm-up."""
         t, world, seq = self.cfg.train, self.accelerator.num_processes, self.prepared.train_blocks["input_ids"].shape[1]
         plan = self.pruner.plan if self.pruner is not None and self.state.pruned_at is not None else None
-        final = self.dense_shape if plan is None else self.dense_shape.with_counts(**plan.counts())
+        final = self.dense_shape.with_counts(**plan.counts()) if plan else self.dense_shape
         positions = phase_positions(
             tokens=self.state.tokens, tokens_per_step=t.micro_batch_size * t.gradient_accumulation_steps * world * seq,
             pruned_at=self.state.pruned_at, recovery_steps=t.recovery_steps, recovery_tokens_per_step=t.micro_batch_size * world * seq,
-            head_warmup_steps=t.head_warmup_steps, distilled=t.distill.enabled)
+            head_warmup_steps=t.head_warmup_steps, distilled=distillation_span(self.cfg))
         return training_flops(self.dense_shape, final, seq, positions)
 
     def save(self, summary: dict) -> None:

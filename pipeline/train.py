@@ -221,7 +221,8 @@ class PruneSchedule(Protocol):
 @dataclass
 class Loop:
     """The pieces the loop needs. `pruner` (mid-training pruning) hands back a new model and optimizer;
-    `distiller` replaces the model's own loss; `on_prune` receives each cut for tracking."""
+    `distiller` replaces the model's own loss (from the cut on when the cut hands back a teacher);
+    `on_prune` receives each cut for tracking."""
 
     accelerator: Accelerator
     model: torch.nn.Module
@@ -236,6 +237,8 @@ class Loop:
     on_prune: Callable[[object], None] = lambda event: None
     distiller: Distiller | None = None
     identity: dict[str, str] | None = None  # written into every checkpoint; rotation keeps to it
+    # a cut after step 0 that hands back its dense model as teacher (event.teacher): the distiller from then on
+    make_distiller: Callable[[object], Distiller] | None = None
 
 
 def training_loss(loop: Loop, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -263,6 +266,8 @@ def train(loop: Loop, state: TrainerState) -> TrainerState:
                     model, optimizer, event = loop.pruner.prune_in_training(model, optimizer, state.step)
                     state.pruned_at = state.step
                     loop.on_prune(event)
+                    if getattr(event, "teacher", None) is not None and loop.make_distiller is not None:
+                        loop.distiller = loop.make_distiller(event.teacher)
                     window.restart()  # tokens/s measures training steps only
             set_lr(optimizer, learning_rate(cfg, state.step, state.pruned_at, loop.restart_schedule))
             model.train()

@@ -21,11 +21,11 @@ def job_summary(tmp_path, *extra: str) -> tuple[Job, dict]:
 
 def test_positions_split_at_the_cut_and_the_teacher_reads_what_the_student_trains_on():
     p = phase_positions(tokens=1000, tokens_per_step=100, pruned_at=3, recovery_steps=2, recovery_tokens_per_step=50,
-                        head_warmup_steps=4, distilled=True)
+                        head_warmup_steps=4, distilled="after_cut")
     assert (p.dense_training, p.pruned_training, p.recovery, p.head_warmup) == (300, 700, 100, 200)
     assert p.teacher == 700 + 100
     dense_run = phase_positions(tokens=1000, tokens_per_step=100, pruned_at=None, recovery_steps=0,
-                                recovery_tokens_per_step=50, head_warmup_steps=0, distilled=False)
+                                recovery_tokens_per_step=50, head_warmup_steps=0, distilled="no")
     assert (dense_run.dense_training, dense_run.pruned_training, dense_run.teacher) == (1000, 0, 0)
 
 

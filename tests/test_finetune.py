@@ -99,9 +99,47 @@ def test_a_distilled_run_resumes_bit_identically(tmp_path):
         assert torch.equal(resumed[key], reference[key]), key
 
 
-def test_distillation_refuses_a_cut_after_training_started(tmp_path):
-    with pytest.raises(ValueError, match=r"train.distill and train.recovery_steps need prune.prune_at: 0"):
-        load_config(CONFIG, [f"output_dir={tmp_path}", "train.distill.enabled=true", "prune.prune_at=4"])
+def test_recovery_needs_the_cut_before_training_and_distillation_needs_a_cut(tmp_path):
+    with pytest.raises(ValueError, match=r"train.recovery_steps needs prune.prune_at: 0"):
+        load_config(CONFIG, [f"output_dir={tmp_path}", "train.recovery_steps=4", "prune.prune_at=4"])
+    with pytest.raises(ValueError, match=r"train.distill distils the pruned model from the dense one: it needs a cut"):
+        load_config(CONFIG, [f"output_dir={tmp_path}", "train.distill.enabled=true", "prune.prune_at=never"])
+    assert load_config(CONFIG, [f"output_dir={tmp_path}", "train.distill.enabled=true", "prune.prune_at=4"]).prune.prune_at == 4
+
+
+EARLY = [*DISTILL, "train.recovery_steps=0", "prune.prune_at=2", "train.max_steps=6", "train.log_every=1"]
+
+
+def test_an_early_cut_distils_from_the_dense_model_as_trained_until_the_cut(tmp_path):
+    dense = tmp_path / "dense"
+    Job(load_config(CONFIG, [f"output_dir={dense}", *EARLY, "train.distill.enabled=false", "prune.prune_at=never",
+                             "train.max_steps=2"])).run()
+    job = Job(load_config(CONFIG, [f"output_dir={tmp_path / 'run'}", *EARLY]))
+    job.run()
+    saved = load_file(tmp_path / "run" / "teacher_at_cut" / "model.safetensors")
+    reference = load_file(dense / "model" / "model.safetensors")
+    assert saved.keys() == reference.keys()
+    for key in reference:  # the teacher is the dense model after the 2 steps before the cut, bit for bit
+        assert torch.equal(saved[key], reference[key]), key
+    logged = {h["step"]: h for h in job.state.history if "train_loss" in h}
+    assert all("distill_logits" not in logged[step] for step in (1, 2)), "no teacher before the cut"
+    assert all(logged[step]["distill_logits"] > 0 and logged[step]["distill_hidden"] > 0 for step in (3, 4, 5, 6))
+
+
+def test_a_run_distilled_after_an_early_cut_resumes_bit_identically(tmp_path):
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    Job(load_config(CONFIG, [f"output_dir={whole}", *EARLY])).run()
+    Job(load_config(CONFIG, [f"output_dir={part}", *EARLY, "train.checkpoint_every=4"])).run()
+    for later in sorted((part / "checkpoints").glob("step_*"))[1:]:  # killed after the step-4 checkpoint
+        shutil.rmtree(later)
+    (part / "model").rename(part / "model.first")
+    resumed = Job(load_config(CONFIG, [f"output_dir={part}", *EARLY, "train.checkpoint_every=4"]), resume=True)
+    resumed.run()
+    assert resumed.distill_teacher is not None, "the resumed run rebuilt the teacher from teacher_at_cut"
+    a, b = load_file(part / "model" / "model.safetensors"), load_file(whole / "model" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for key in b:
+        assert torch.equal(a[key], b[key]), key
 
 
 @pytest.mark.slow

@@ -37,7 +37,7 @@ from .backlog import BACKLOG_FILE_NAME, read_backlog, replay_backlog, write_back
 from .factory import create_tracker
 from .interface import NullTracker, Tracker, TrackingUnavailableError, TrackingWarning
 from .mlflow_client import DEFAULT_HTTP_RETRIES, DEFAULT_HTTP_TIMEOUT, PENDING_DIR_NAME, MLflowTracker
-from .names import default_run_name, metric_name
+from .names import ONE_OFF_STEP, default_run_name, metric_name
 from .operations import apply_operation
 from .stale import end_stale_run
 from .uris import check_server_reachable, default_tracking_uri, resolve_tracking_uri
@@ -59,6 +59,7 @@ __all__ = [
     "create_tracker",
     "end_stale_run",
     "metric_name",
+    "ONE_OFF_STEP",
     "default_run_name",
     "resolve_tracking_uri",
     "default_tracking_uri",

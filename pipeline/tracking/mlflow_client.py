@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -22,6 +23,8 @@ from .uris import check_server_reachable, create_in_store, sqlite_artifact_locat
 from .values import MAX_METRICS_PER_BATCH, flatten_config, sanitize_key, short_error, tag_values, to_plain
 
 PENDING_DIR_NAME = "tracking_pending"  # staged artifacts whose upload is still pending
+# an experiment without this tag opens in the UI's GenAI view (traces, "Detect issues"), not its training runs
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 
 # HTTP behaviour of mlflow's REST client while *we* make calls (unless the user set these env
 # variables): mlflow's default is 7 retries with exponential back-off and a 120 s timeout, i.e.
@@ -253,7 +256,10 @@ class MLflowTracker:
         self._client = MlflowClient(tracking_uri=self._uri)
         self._experiment_id = self._get_or_create_experiment(artifact_location)
         if run_id is None:
-            return self._client.create_run(self._experiment_id, tags=tags or None, run_name=self._run_name)
+            # who started it and from where (user, entry point, git commit), as mlflow's own runs show them
+            from mlflow.tracking.context.registry import resolve_tags
+
+            return self._client.create_run(self._experiment_id, tags=resolve_tags(tags), run_name=self._run_name)
         run = self._client.get_run(run_id)
         self._client.update_run(run_id, status="RUNNING")
         if tags:
@@ -265,7 +271,8 @@ class MLflowTracker:
         exp = self._client.get_experiment_by_name(name)
         if exp is None:
             try:
-                return self._client.create_experiment(name, artifact_location=artifact_location)
+                return self._client.create_experiment(name, artifact_location=artifact_location,
+                                                      tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
             except Exception:  # created concurrently by another process?
                 exp = self._client.get_experiment_by_name(name)
                 if exp is None:
@@ -274,6 +281,9 @@ class MLflowTracker:
             raise TrackingUnavailableError(
                 f"MLflow experiment {name!r} at {self._uri} is deleted; restore it or choose another experiment name."
             )
+        elif EXPERIMENT_KIND_TAG not in exp.tags:  # made before this tag, or by hand: a kind the user chose stays
+            with contextlib.suppress(Exception):  # a store that refuses experiment tags still takes the run
+                self._client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return exp.experiment_id
 
     def _stage_path(self, file_name: str) -> Path:

@@ -4,9 +4,17 @@ The pipeline keeps its flat names (summary.json keys, the training log: `train_l
 MLflow gets `section/name` (`train/loss`, `time/score_s`), because its UI groups charts by the part
 before the slash: the loss curves get a section of their own instead of sitting among one-off figures.
 The tracker applies :func:`metric_name` to every metric it logs, so this is the one place that renames.
+
+What the UI shows decided the sections (benchmarks/ui_check.py takes the screenshots): MLflow sorts sections by
+name and puts `system/` metrics on their own tab, so the stage timings and peak memory go there and the Model
+metrics tab reads params (dense, pruned, final), prune, then the train and val curves.
 """
 
 from __future__ import annotations
+
+# MLflow draws a metric whose latest step is 0 as a bar labelled with its value, any other as a line: a one-off
+# figure (a time, a parameter count) logged at the step it was taken would be a lone dot on a ±0.5 axis
+ONE_OFF_STEP = 0
 
 # names that do not carry their section as a prefix
 SECTION_OF = {
@@ -17,7 +25,7 @@ SECTION_OF = {
     "steps": "train/steps",
     "params_dense": "params/dense",
     "params_final": "params/final",
-    "params_pruned": "prune/params_pruned",
+    "params_pruned": "params/pruned",
     "prune_step": "prune/step",
     "auto_weight_distance": "prune/auto_weight_distance",
     "peak_rss_bytes": "system/peak_rss_bytes",
@@ -31,7 +39,7 @@ SECTION_PREFIXES = (
     ("head_warmup_", "head_warmup/"),
     ("recovery_", "recovery/"),
     ("budget.", "budget/"),
-    ("time_", "time/"),
+    ("time_", "system/time_"),
     ("flops_", "flops/"),
     ("peak_memory_rank", "system/peak_memory_rank"),
 )
