@@ -202,7 +202,7 @@ def test_metric_names_get_sections_and_unknown_names_stay():
                                          "params_final", "steps", "head_warmup_loss_first", "loss", "train/loss")}
     assert named == {
         "train_loss": "train/loss", "lr": "train/lr", "tokens_per_s": "train/tokens_per_s", "val_loss": "val/loss",
-        "val_accuracy": "val/accuracy", "params_pruned": "prune/params_pruned", "time_score_s": "time/score_s",
+        "val_accuracy": "val/accuracy", "params_pruned": "params/pruned", "time_score_s": "system/time_score_s",
         "peak_rss_bytes": "system/peak_rss_bytes", "distill_hidden": "distill/hidden",
         "budget.dense.params": "budget/dense.params", "params_final": "params/final", "steps": "train/steps",
         "head_warmup_loss_first": "head_warmup/loss_first", "loss": "loss", "train/loss": "train/loss",
@@ -228,12 +228,15 @@ def test_a_run_logs_curves_in_sections_and_one_off_figures_once(tmp_path):
     assert all("/" in key for key in run.data.metrics), sorted(run.data.metrics)
     points = {key: [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, key)] for key in run.data.metrics}
     assert [s for s, _ in points["train/loss"]] == [1, 2] and [s for s, _ in points["val/loss"]] == [0, 2]
-    once = {"params/dense", "params/final", "train/steps", "system/peak_rss_bytes", "time/score_s", "time/train_s",
-            "prune/params_pruned"}
+    once = {"params/dense", "params/pruned", "params/final", "prune/step", "train/steps", "system/peak_rss_bytes",
+            "system/time_score_s", "system/time_train_s"}
     assert once <= set(points) and all(len(points[key]) == 1 for key in once)
+    # step 0: MLflow draws them as bars labelled with the value, not as a lone dot at the last step
+    assert [key for key in once if points[key][0][0] != 0] == []
+    assert not [key for key in run.data.metrics if key.split("/")[0] == "time"], "timings are on the System metrics tab"
     summary = json.loads((out / "summary.json").read_text())
     assert {"val_loss", "params_final", "time_train_s", "steps"} <= set(summary), "summary.json keeps its keys"
-    assert points["params/final"] == [(2, summary["params_final"])] and points["val/loss"][-1] == (2, summary["val_loss"])
+    assert points["params/final"] == [(0, summary["params_final"])] and points["val/loss"][-1] == (2, summary["val_loss"])
 
 
 def test_uri_resolution_order(tmp_path, monkeypatch):
@@ -347,13 +350,28 @@ def test_mlflow_roundtrip_sqlite(tmp_path):
         "model/sub/weights.bin",
         "configs/config.json",
     }
+    assert run.data.tags["mlflow.user"] and run.data.tags["mlflow.source.name"], "the UI's Created by and Source"
     exp = client.get_experiment_by_name("exp-a")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development", "the UI opens it on its training runs"
     assert Path(exp.artifact_location.removeprefix("file://")) == (out / "mlartifacts").resolve()
     local = Path(run.info.artifact_uri.removeprefix("file://"))
     assert json.loads((local / "plan" / "plan.json").read_text())["kept_heads"] == [2, 1]
     assert (local / "plots" / "scores.png").read_bytes()[:4] == b"\x89PNG"
     assert not (out / BACKLOG_FILE_NAME).exists()
     assert not (out / "tracking_pending").exists()
+
+
+def test_an_existing_experiment_gets_a_kind_unless_it_has_one(tmp_path):
+    uri = default_tracking_uri(tmp_path)
+    client = _client(uri)
+    bare = client.create_experiment("made-by-hand", artifact_location=(tmp_path / "a").as_uri())
+    chosen = client.create_experiment("genai", artifact_location=(tmp_path / "b").as_uri(),
+                                      tags={"mlflow.experimentKind": "genai_development"})
+    for name in ("made-by-hand", "genai"):
+        create_tracker(is_main_process=True, output_dir=tmp_path / name, tracking_uri=uri, experiment=name,
+                       run_name="r").close()
+    assert client.get_experiment(bare).tags["mlflow.experimentKind"] == "custom_model_development"
+    assert client.get_experiment(chosen).tags["mlflow.experimentKind"] == "genai_development"
 
 
 def test_transient_failures_are_buffered_and_retried(tmp_path):
