@@ -57,13 +57,8 @@ import math
 import re
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import torch
-from torch import nn
-from transformers import PretrainedConfig
-
-from .families import FAMILIES, architecture_class, get_adapter
 from .memory import (
     MemoryEstimate,
     ModelShape,
@@ -74,8 +69,14 @@ from .memory import (
     min_gpus_per_stage,
     parse_memory,
 )
-from .scores import Scores
-from .select import Plan, SelectionConfig, make_plan
+from .plans import Plan, SelectionConfig
+
+if TYPE_CHECKING:  # a search on a shape with the uniform layout needs neither torch nor transformers
+    import torch
+    from torch import nn
+    from transformers import PretrainedConfig
+
+    from .scores import Scores
 
 BudgetKind = Literal["memory", "params", "flops"]
 Search = Literal["both", "heads", "mlp"]
@@ -188,8 +189,10 @@ def model_skeleton(path: str | Path, *, task: str | None = None, num_labels: int
     dense or pruned (an earlycrop layout is replayed), enough for `ModelShape`, `make_plan` and the budget search.
     `task="sequence_classification"` puts a new classification head with `num_labels` on a folder that has none,
     like the pipeline does."""
+    import torch
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
+    from .families import architecture_class
     from .serialization import plain_loadable
     from .surgery import LAYOUT_KEY, prune, shape_plan
 
@@ -212,6 +215,11 @@ def model_skeleton(path: str | Path, *, task: str | None = None, num_labels: int
 def placeholder_scores(model: nn.Module | ModelShape) -> Scores:
     """Scores for a shape-only search: within every layer, unit j of n scores 1 − (j + ½)/n, so every layer is ranked
     alike and a global ranking keeps the same fraction of every layer (uniform plans do not depend on scores)."""
+    import torch
+
+    from .families import get_adapter
+    from .scores import Scores
+
     if isinstance(model, ModelShape):
         heads, neurons = model.heads, model.intermediate
     else:
@@ -228,6 +236,10 @@ def plan_config_error(model: nn.Module | PretrainedConfig, plan: Plan) -> str | 
     """Why transformers would refuse the pruned config (e.g. hidden_size not a multiple of the kept heads), or None.
     `model` is the model or just its config (a shape-only search has no model); the config is copied and described
     as surgery would describe it."""
+    from torch import nn
+
+    from .families import FAMILIES
+
     config = copy.deepcopy(model.config if isinstance(model, nn.Module) else model)
     counts = plan.counts()
     FAMILIES[plan.family].describe_layout(config, counts["heads"], counts["kv_heads"], counts["neurons"])
@@ -315,9 +327,12 @@ class _Units:
     shape alone: per-layer totals, the multiple kept counts come in, and for the global layout the ranking over all
     layers (sorted once, so a ratio's counts cost one pass instead of a plan)."""
 
-    def __init__(self, kind: str, totals: list[int], multiples: list[int], layout: str, scores: list[torch.Tensor]):
+    def __init__(self, kind: str, totals: list[int], multiples: list[int], layout: str,
+                 scores: list[torch.Tensor] | None):
         self.kind, self.totals, self.multiples, self.layout = kind, totals, multiples, layout
         if layout == "global":
+            import torch
+
             flat = torch.cat([s.double().cpu() for s in scores])
             self.order = torch.sort(-flat, stable=True).indices  # make_plan's ranking: ties keep the lower index
             self.layer_of = torch.repeat_interleave(torch.arange(len(totals)), torch.tensor(totals))
@@ -345,7 +360,7 @@ class _Units:
         keep_total = round(len(self.order) * (1.0 - ratio))
         if keep_total >= len(self.order):
             return list(self.totals)
-        ranked = torch.bincount(self.layer_of[self.order[:keep_total]], minlength=len(self.totals)).tolist()
+        ranked = self.layer_of[self.order[:keep_total]].bincount(minlength=len(self.totals)).tolist()
         return [min(u, max(m, m * round(k / m))) for k, u, m in zip(ranked, self.totals, self.multiples)]
 
     def removes_nothing(self, ratio: float, kept: list[int]) -> bool:
@@ -374,13 +389,16 @@ class _Searcher:
         # make_plan's head units: key/value groups (no GQA, or gqa=group), else query heads in multiples of the groups
         self.grouped = [h == kv or base.gqa == "group" for h, kv in zip(shape.heads, shape.kv_heads)]
         layers = list(zip(shape.heads, shape.kv_heads, self.grouped))
-        head_scores = [s.double().reshape(kv, h // kv).sum(1) if g else s.double()
-                       for s, (h, kv, g) in zip(scores.heads, layers)]
+        head_scores = neuron_scores = None  # the uniform layout's counts do not depend on scores
+        if scores is not None:
+            head_scores = [s.double().reshape(kv, h // kv).sum(1) if g else s.double()
+                           for s, (h, kv, g) in zip(scores.heads, layers)]
+            neuron_scores = scores.neurons
         self.units = {
             "heads": _Units("heads", [kv if g else h for h, kv, g in layers], [1 if g else kv for h, kv, g in layers],
                             base.layout, head_scores),
             "mlp": _Units("mlp", list(shape.intermediate), [base.round_to] * shape.num_layers, base.layout,
-                          scores.neurons),
+                          neuron_scores),
         }
         self.hmax, self.mmax = self.units["heads"].max_ratio(), self.units["mlp"].max_ratio()
         self.rmax = {"both": max(self.hmax, self.mmax), "heads": self.hmax, "mlp": self.mmax}[search]
@@ -446,6 +464,8 @@ class _Searcher:
         counts, sel = self.plan(r)
         if counts not in self._plans:
             if self.model is not None:
+                from .select import make_plan
+
                 self._plans[counts] = make_plan(self.model, self.scores, sel)
             else:
                 self._plans[counts] = _placeholder_plan(self.dense_shape, counts, sel)
@@ -611,8 +631,10 @@ def fit_to_budget(
         shape, module, source = model, None, config
     else:
         shape, module, source = ModelShape.from_model(model), model, model
-    scores = scores if scores is not None else placeholder_scores(shape)
-    _check_scores(shape, scores)
+    if scores is None and (module is not None or base.layout == "global"):  # the uniform shape search needs none
+        scores = placeholder_scores(shape)
+    if scores is not None:
+        _check_scores(shape, scores)
     if budget.kind == "memory":
         setup = replace(setup, num_gpus=budget.num_gpus)
     s = _Searcher(shape, module, scores, base, setup, budget, search, headroom, source, require_saveable)

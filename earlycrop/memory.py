@@ -86,6 +86,37 @@ Training FLOPs per token (`ModelShape.flops_per_token`), the usual 6N rule plus 
                                 eager attention computes it)
 
 Per-sequence heads (pooler, classifier) count once per sequence, i.e. divided by T.
+
+Scoring (`ScoringSetup`, `estimate_scoring_memory`): the peak bytes of tensors per rank while a criterion scores the
+DENSE model, one calibration batch (B sequences × T tokens) per forward, in eval mode (no dropout). Θ = the weight
+matrices of the layers (what earlycrop / grasp differentiate and perturb; `ModelShape.matmul_shapes`), θ_max the
+largest of them, w the weights' bytes, N the ranks holding partitions (N = 1 for one process and for DDP, where
+every rank holds the whole model and scores its share of the batches; ZeRO-3 partitions every tensor over N ranks,
+⌈numel/N⌉ each, as pipeline/sharded.py loads it):
+
+    weights       Σ_tensors ⌈numel/N⌉ · w
+    gradient      Σ_Θ ⌈numel/N⌉ · 4            g, float32 also for 2-byte weights (finite-difference criteria only)
+    fd_buffers    the larger of the two passes' working sets beside g (finite-difference criteria only):
+                  perturbed passes  ⌈θ_max/N⌉ · (2·4 + 1 (+ 2·2 for 2-byte weights))   two float32 shift buffers,
+                                    the bool rounding mask, two roundings to the weights' dtype
+                  gradient pass     θ_max · w (ZeRO-3: + θ_max·4 for 2-byte weights + ⌈θ_max/N⌉·4)   one weight's
+                                    whole gradient (ZeRO-3: its float32 copy, this rank's partition of it)
+    activations   the training formulas above for one calibration batch (eval mode), + B·T·w·Σ_layers (nh·d + I):
+                  the gates (earlycrop.gates) multiply o_proj's and down's inputs, and autograd keeps both the
+                  ungated and the gated tensor
+    transient     B·T·V·(w + 2·l) at the loss (logits, gradients of log-probabilities and logits), + under ZeRO-3
+                  the largest layer (or larger single tensor, e.g. the embedding) gathered: `gathered_params()`·w
+
+By criterion: earlycrop / grasp (hvp finite_difference) take every term; snip and fisher (a backward to the gates)
+weights, activations and transient; activation (forward without a graph) weights, the logits and one layer's
+activations, an upper bound (measured 30-45% above the live tensors); magnitude and random the weights. hvp exact is
+not modelled (its double backward keeps the backward graph and every weight's gradient) and ZeRO-3 refuses it.
+Checked against the live tensors of `earlycrop.score_units` (torch profiler, CPU) in the tests, within 6% for snip
+and finite-difference earlycrop in float32 and bfloat16; against peak RSS of `earlycrop prune` at 300M and 1.1B in
+benchmarks/RESULTS.md ("Scoring with partitioned parameters"). Not modelled: the process runtime (Python, torch,
+transformers, DeepSpeed: about 0.75 GB of CPU memory; on a GPU, the CUDA context), communication buffers, and the
+memory a ZeRO-3 rank's process holds on CPU beyond its tensors (measured there, not explained by any tensor: see
+that section); keep headroom for them.
 """
 
 from __future__ import annotations
@@ -93,14 +124,14 @@ from __future__ import annotations
 import math
 import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-from torch import nn
-from transformers.models.auto import modeling_auto
+if TYPE_CHECKING:  # torch and transformers are imported where a model is read: a shape-only plan needs neither
+    from torch import nn
 
-from .families import FAMILIES, FamilyAdapter, LayerUnits, get_adapter
+    from .families import FamilyAdapter, LayerUnits
 
 HeadKind = Literal["causal_lm", "masked_lm", "sequence_classification", "none"]
 HEAD_KINDS = ("causal_lm", "masked_lm", "sequence_classification", "none")
@@ -200,6 +231,8 @@ class ModelShape:
     def from_model(cls, model: nn.Module) -> ModelShape:
         """Read the shape of a real (dense or pruned) model: layers through the family adapter, the rest from the
         embedding / output modules and the config. The implied parameter count is exact (see `other_params`)."""
+        from .families import get_adapter
+
         adapter = get_adapter(model)
         layers = adapter.layers(model)
         embed = model.get_input_embeddings()
@@ -250,10 +283,8 @@ class ModelShape:
             return values
 
         q, kv, i = per_layer(heads, "heads"), per_layer(kv_heads, "kv_heads"), per_layer(neurons, "neurons")
-        adapter = FAMILIES.get(self.family)
-        if self.fused_qkv or (adapter is not None and not adapter.grouped_kv):
-            if q != kv:
-                raise ValueError(f"{self.family} has one key/value head per query head: kv_heads must equal heads")
+        if q != kv and (self.fused_qkv or (self.heads == self.kv_heads and not _groups_kv(self.family))):
+            raise ValueError(f"{self.family} has one key/value head per query head: kv_heads must equal heads")
         return replace(self, heads=q, kv_heads=kv, intermediate=i)
 
     # ---- sizes
@@ -344,6 +375,17 @@ class ModelShape:
         """Weights of the layer's matrix multiplications (biases and norms excluded)."""
         return sum(math.prod(s) for _, s in self.layer_parameter_shapes(layer) if len(s) == 2)
 
+    def matmul_shapes(self) -> list[tuple[int, ...]]:
+        """Every weight matrix of the layers: θ, the weights a criterion differentiates and perturbs (the Linear /
+        Conv1D weights of the attention and MLP blocks, `FamilyAdapter.prunable_weights`)."""
+        return [s for l in range(self.num_layers) for _, s in self.layer_parameter_shapes(l) if len(s) == 2]
+
+    def gathered_params(self) -> int:
+        """The most parameters ZeRO-3 holds gathered at once: the largest layer, or a larger single tensor (the
+        embedding matrix of a large vocabulary)."""
+        return max([self.layer_params(l) for l in range(self.num_layers)]
+                   + [math.prod(s) for _, s in self.parameter_shapes()])
+
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs (forward + backward) per token at sequence length `seq_len`; formula in the module doc."""
         if not _is_int(seq_len) or seq_len <= 0:
@@ -362,6 +404,56 @@ class ModelShape:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def _groups_kv(family: str) -> bool:
+    """Whether `family` cuts key/value heads apart from query heads. Only a shape with one key/value head per query
+    head asks (a GQA shape's family groups them), so a GQA search never imports the registry (torch)."""
+    from .families import FAMILIES
+
+    adapter = FAMILIES.get(family)
+    return adapter is None or adapter.grouped_kv
+
+
+# model_type → the causal-LM class whose config.json `shape_from_config` reads without transformers
+_PLAIN_LLAMA_LIKE = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}
+_REQUIRED_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                  "intermediate_size")
+
+
+def shape_from_config(config: dict) -> ModelShape | None:
+    """The shape of a Llama / Qwen2 / Mistral causal LM from its config.json, read as JSON: what `from_model` gives
+    for the model transformers builds from it, without importing torch or transformers (a shape-only plan then
+    answers in a second). None for anything else (other families or heads, a layout only earlycrop rebuilds, a
+    config missing a size): read those with `earlycrop.budget.model_skeleton`."""
+    family = config.get("model_type")
+    layout = config.get("earlycrop_layout")  # earlycrop.surgery.LAYOUT_KEY (that module imports torch)
+    if (_PLAIN_LLAMA_LIKE.get(family) is None or config.get("architectures") != [_PLAIN_LLAMA_LIKE[family]]
+            or (layout is not None and not layout.get("plain_loadable"))
+            or not all(_is_int(config.get(key)) for key in _REQUIRED_KEYS)):
+        return None
+    n, hidden, heads = config["num_hidden_layers"], config["hidden_size"], config["num_attention_heads"]
+    attention_bias = family == "qwen2" or bool(config.get("attention_bias"))  # Qwen2: q/k/v biases, none on o
+    mlp_bias = family == "llama" and bool(config.get("mlp_bias"))
+    return ModelShape(
+        family=family, vocab_size=config["vocab_size"], hidden_size=hidden,
+        head_dim=config.get("head_dim") or hidden // heads, heads=[heads] * n,
+        kv_heads=[config["num_key_value_heads"]] * n, intermediate=[config["intermediate_size"]] * n,
+        qkv_bias=attention_bias, o_bias=attention_bias and family == "llama", mlp_in_bias=mlp_bias,
+        mlp_out_bias=mlp_bias, tied_embeddings=bool(config.get("tie_word_embeddings", False)),
+        activation=config.get("hidden_act", "silu"), attention_dropout=(config.get("attention_dropout") or 0) > 0,
+    )
+
+
+def _check_fields(owner: object, choices: dict[str, Sequence[str]], counts: Sequence[str]) -> None:
+    """ValueError naming the first field of `owner` outside its choices, or a count that is not a positive int."""
+    for name, allowed in choices.items():
+        if getattr(owner, name) not in allowed:
+            raise ValueError(f"{name}={getattr(owner, name)!r}: choose one of {', '.join(allowed)}")
+    for name in counts:
+        value = getattr(owner, name)
+        if not _is_int(value) or value <= 0:
+            raise ValueError(f"{name}={value!r}: must be a positive integer")
 
 
 def _is_int(x: object) -> bool:
@@ -401,6 +493,8 @@ _HEAD_MAPPINGS: tuple[tuple[str, str], ...] = (
 
 def _head_kind(model: nn.Module) -> str | None:
     """The task head, from transformers' own auto-class registries (config type → model class)."""
+    from transformers.models.auto import modeling_auto
+
     for kind, mapping_name in _HEAD_MAPPINGS:
         mapping = getattr(modeling_auto, mapping_name)
         try:
@@ -489,20 +583,10 @@ class TrainingSetup:
     attention: Attention = "sdpa"
 
     def __post_init__(self) -> None:
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision={self.precision!r}: choose one of {', '.join(PRECISIONS)}")
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer={self.optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
-        if self.device not in DEVICES:
-            raise ValueError(f"device={self.device!r}: choose one of {', '.join(DEVICES)}")
-        if self.attention not in ATTENTIONS:
-            raise ValueError(f"attention={self.attention!r}: choose one of {', '.join(ATTENTIONS)}")
+        _check_fields(self, {"precision": PRECISIONS, "optimizer": OPTIMIZERS, "device": DEVICES,
+                             "attention": ATTENTIONS}, ("micro_batch", "seq_len", "num_gpus"))
         if self.attention == "flash" and self.precision == "fp32":
             raise ValueError("attention='flash' runs in fp16/bf16 only: use a 2-byte precision, or attention='sdpa'")
-        for name in ("micro_batch", "seq_len", "num_gpus"):
-            value = getattr(self, name)
-            if not _is_int(value) or value <= 0:
-                raise ValueError(f"{name}={value!r}: must be a positive integer")
         if not _is_int(self.zero_stage) or not 0 <= self.zero_stage <= 3:
             raise ValueError(f"zero_stage={self.zero_stage!r}: must be 0, 1, 2 or 3")
         if not isinstance(self.activation_checkpointing, bool):
@@ -724,11 +808,7 @@ def estimate_memory(shape: ModelShape, setup: TrainingSetup) -> MemoryEstimate:
         loss_bytes = 4 if shape.loss_fp32 else a
         transient += setup.micro_batch * setup.seq_len * shape.vocab_size * (a + 2 * loss_bytes)
     if stage >= 3:
-        largest = max(
-            [shape.layer_params(l) for l in range(shape.num_layers)]
-            + [math.prod(s) for _, s in shape.parameter_shapes()]
-        )
-        transient += largest * w
+        transient += shape.gathered_params() * w
     return MemoryEstimate(
         weights=weights,
         gradients=gradients,
@@ -760,13 +840,15 @@ def min_gpus(
     (bytes or a string like "80GiB") minus a `headroom` fraction; None when even `max_gpus` do not suffice
     (activations and, without ZeRO-3, weights do not shrink with more GPUs)."""
     usable = _usable(gpu_bytes, headroom)
+    return _fewest(lambda count: estimate_memory(shape, replace(setup, num_gpus=count)).total <= usable, max_gpus)
 
-    def fits(count: int) -> bool:
-        return estimate_memory(shape, replace(setup, num_gpus=count)).total <= usable
 
+def _fewest(fits: Callable[[int], bool], max_gpus: int) -> int | None:
+    """The smallest count in [1, max_gpus] for which `fits` holds, or None; `fits` must never turn false with more
+    GPUs (the estimates never grow with them), so bisection is exact."""
     if not fits(max_gpus):
         return None
-    lo, hi = 1, max_gpus  # the estimate never grows with more GPUs: binary search for the first that fits
+    lo, hi = 1, max_gpus
     while lo < hi:
         mid = (lo + hi) // 2
         if fits(mid):
@@ -793,6 +875,152 @@ def min_gpus_per_stage(
             continue
         out[stage] = min_gpus(shape, staged, gpu_bytes, max_gpus=max_gpus, headroom=headroom)
     return out
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Scoring
+
+Engine = Literal["one", "ddp", "zero3"]
+ENGINES = ("one", "ddp", "zero3")
+SCORE_DTYPES: dict[str, int] = {"float32": 4, "bfloat16": 2, "float16": 2}
+# what each built-in criterion runs: `hessian` = the weight gradient g, then two perturbed gate passes per batch
+# (earlycrop / grasp, hvp finite_difference); `gates` = a backward to the gates; `forward` = forward passes without
+# gradients; `none` = the weights alone (no calibration data)
+CRITERION_PASSES: dict[str, str] = {"earlycrop": "hessian", "grasp": "hessian", "snip": "gates", "fisher": "gates",
+                                    "activation": "forward", "magnitude": "none", "random": "none"}
+
+
+@dataclass
+class ScoringSetup:
+    """How a model is scored, as far as memory is concerned (formulas in the module docstring, "Scoring").
+
+    criterion: a built-in criterion (`CRITERION_PASSES`); hvp: only `finite_difference` is modelled (an exact double
+    backward keeps the backward graph and every weight's gradient; ZeRO-3 refuses it). dtype: the weights' dtype
+    while scoring (g and the perturbation stay float32 for 2-byte weights). batch_size × seq_len: one calibration
+    batch, the unit of every forward. engine: `one` process; `ddp`, every rank holding the whole model and scoring
+    its share of the batches; `zero3`, parameters and g partitioned over `num_gpus` ranks (pipeline/sharded.py).
+    attention: `earlycrop prune` and ZeRO-3 scoring load the model with eager attention, `earlycrop run` scores
+    with the config's."""
+
+    criterion: str = "earlycrop"
+    hvp: Literal["finite_difference", "exact"] = "finite_difference"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    batch_size: int = 1
+    seq_len: int = 256
+    engine: Engine = "one"
+    num_gpus: int = 1
+    attention: Attention = "eager"
+    device: Literal["cuda", "cpu"] = "cuda"
+
+    def __post_init__(self) -> None:
+        _check_fields(self, {"criterion": CRITERION_PASSES, "dtype": SCORE_DTYPES, "engine": ENGINES,
+                             "hvp": ("finite_difference", "exact")}, ("batch_size", "seq_len", "num_gpus"))
+        if self.engine == "one" and self.num_gpus != 1:
+            raise ValueError(f"engine='one' scores in one process: num_gpus={self.num_gpus} needs 'ddp' or 'zero3'")
+        if self.passes == "hessian" and self.hvp == "exact":
+            if self.engine == "zero3":
+                raise ValueError("hvp exact needs a double backward, which ZeRO-3 scoring refuses (pipeline/sharded.py)")
+            raise ValueError("hvp exact is not modelled (its double backward keeps the backward graph and every "
+                             "weight's gradient): plan with hvp finite_difference")
+        self.activation_setup()  # attention / device / dtype combinations the activation estimate refuses
+
+    @property
+    def passes(self) -> str:
+        return CRITERION_PASSES[self.criterion]
+
+    @property
+    def weight_bytes(self) -> int:
+        return SCORE_DTYPES[self.dtype]
+
+    @property
+    def ranks(self) -> int:
+        """Ranks the parameters are partitioned over (1 unless ZeRO-3)."""
+        return self.num_gpus if self.engine == "zero3" else 1
+
+    def activation_setup(self) -> TrainingSetup:
+        """One calibration batch in the weights' dtype, for the training activation formulas."""
+        return TrainingSetup(precision="fp32" if self.weight_bytes == 4 else "bf16", micro_batch=self.batch_size,
+                             seq_len=self.seq_len, device=self.device, attention=self.attention)
+
+
+@dataclass
+class ScoringEstimate:
+    """Peak bytes of tensors per rank to score. `weights`: the parameters (ZeRO-3: this rank's partitions);
+    `gradient`: the weight gradient g of the finite-difference criteria; `fd_buffers`: what those add beside g while a
+    pass runs; `activations`: what one calibration batch keeps for the backward; `transient`: the logits and their
+    gradients and, under ZeRO-3, the gathered parameters."""
+
+    weights: int
+    gradient: int
+    fd_buffers: int
+    activations: int
+    transient: int
+    setup: ScoringSetup
+
+    PARTS = ("weights", "gradient", "fd_buffers", "activations", "transient")
+
+    @property
+    def total(self) -> int:
+        return sum(getattr(self, part) for part in self.PARTS)
+
+    def fits(self, gpu_bytes: int | str, headroom: float = 0.0) -> bool:
+        return self.total <= _usable(gpu_bytes, headroom)
+
+
+def _fd_buffers(shape: ModelShape, setup: ScoringSetup) -> tuple[int, int]:
+    """(g, the larger of the two working sets beside it). Perturbed passes (`earlycrop.criteria.perturbed`): two
+    float32 shift buffers the size of the largest θ tensor (ZeRO-3: partition), the rounding check's bool mask and,
+    for 2-byte weights, the two roundings to their dtype. Gradient pass: one weight's whole gradient (ZeRO-3: plus
+    its float32 copy for 2-byte weights and this rank's partition of it)."""
+    n, w = setup.ranks, setup.weight_bytes
+    theta = [math.prod(s) for s in shape.matmul_shapes()]
+    gradient = sum(-(-t // n) for t in theta) * 4
+    largest = max(theta)
+    scratch = -(-largest // n) * (2 * 4 + 1 + (2 * w if w != 4 else 0))
+    whole = largest * w
+    if setup.engine == "zero3":  # pipeline/sharded.py `_local_gradient`
+        whole += (largest * 4 if w != 4 else 0) + -(-largest // n) * 4
+    return gradient, max(scratch, whole)
+
+
+def estimate_scoring_memory(shape: ModelShape, setup: ScoringSetup) -> ScoringEstimate:
+    """Peak bytes per rank to score `shape` with `setup`; formulas and what is not modelled are in the module
+    docstring ("Scoring")."""
+    n, w, passes = setup.ranks, setup.weight_bytes, setup.passes
+    weights = sum(-(-math.prod(s) // n) for _, s in shape.parameter_shapes()) * w  # ZeRO-3 pads each partition
+    gradient, fd_buffers = _fd_buffers(shape, setup) if passes == "hessian" else (0, 0)
+    act = setup.activation_setup()
+    # scored in eval mode: no dropout masks
+    scored = replace(shape, attention_dropout=False, hidden_dropout=False, embedding_dropout=False,
+                     classifier_dropout=False)
+    parts = activation_breakdown(scored, act) if passes != "none" else {}
+    a, loss_bytes = act.activation_bytes, 4 if shape.loss_fp32 else act.activation_bytes
+    logit_rows = setup.batch_size * setup.seq_len * shape.vocab_size if shape.head in ("causal_lm", "masked_lm") else 0
+    activations = transient = 0
+    if passes in ("hessian", "gates"):
+        # the gates' products keep their ungated inputs too (earlycrop.gates: o_proj's and down's inputs, twice)
+        gate_inputs = setup.batch_size * setup.seq_len * a * sum(
+            h * shape.head_dim + i for h, i in zip(shape.heads, shape.intermediate))
+        activations = sum(parts.values()) + gate_inputs
+        transient = logit_rows * (a + 2 * loss_bytes)  # as in training: logits, gradients of log-probs and logits
+    elif passes == "forward":  # no graph: the logits and one layer's tensors at a time
+        transient = logit_rows * a + max(v for k, v in parts.items() if k.startswith("layer."))
+    if setup.engine == "zero3" and passes != "none":
+        transient += shape.gathered_params() * w
+    return ScoringEstimate(weights=weights, gradient=gradient, fd_buffers=fd_buffers, activations=activations,
+                           transient=transient, setup=setup)
+
+
+def min_scoring_gpus(shape: ModelShape, setup: ScoringSetup, gpu_bytes: int | str, *, max_gpus: int = 1024,
+                     headroom: float = 0.0) -> int | None:
+    """The fewest ZeRO-3 ranks on which scoring fits in `gpu_bytes` (bytes or e.g. "80GiB") minus a `headroom`
+    fraction per rank; None when even `max_gpus` do not suffice."""
+    usable = _usable(gpu_bytes, headroom)
+
+    def fits(count: int) -> bool:
+        return estimate_scoring_memory(shape, replace(setup, engine="zero3", num_gpus=count)).total <= usable
+
+    return _fewest(fits, max_gpus)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -841,16 +1069,24 @@ def format_bytes(n: int | float) -> str:
 __all__ = [
     "ACTIVATION_SAVED",
     "ATTENTIONS",
+    "CRITERION_PASSES",
+    "ENGINES",
     "MemoryEstimate",
     "ModelShape",
+    "SCORE_DTYPES",
+    "ScoringEstimate",
+    "ScoringSetup",
     "TrainingSetup",
     "activation_breakdown",
     "attention_kernel",
     "attention_kind",
     "estimate_memory",
+    "estimate_scoring_memory",
     "format_bytes",
     "min_gpus",
     "min_gpus_per_stage",
+    "min_scoring_gpus",
     "optimizer_state_elements",
     "parse_memory",
+    "shape_from_config",
 ]

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .families import FamilyAdapter, LayerUnits, ParamSlice, get_adapter, sync_linear_features
-from .select import Plan
+from .plans import Plan
 
 LAYOUT_KEY = "earlycrop_layout"
 

@@ -22,6 +22,17 @@ def fraction(text: str) -> float:
     return value
 
 
+def positive(text: str) -> int:
+    """A count of at least 1, checked as argparse reads it."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} must be at least 1")
+    return value
+
+
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """Defaults shown beside every flag; epilogs printed as written."""
 

@@ -3,6 +3,7 @@ scoring, no weights read (the model is built on the meta device).
 
     earlycrop plan --config configs/llama_1b_8gpu_zero2.yaml --budget "24GB x 1" --micro-batch 1 --checkpointing
     earlycrop plan --model runs/quickstart/model --budget "params<=50M"
+    earlycrop plan --model llama3-8b --budget "24GB x 8" --score     # can it be scored there? (launch/plan_score.py)
 
 `run_plan` returns the exit code: 0, or 2 with one line `earlycrop plan: error: ...` on stderr.
 """
@@ -14,6 +15,9 @@ import json
 import sys
 from dataclasses import replace
 from pathlib import Path
+
+from .arguments import add_fields, fraction, positive
+from .plan_score import add_score_flags, run_score_plan
 
 EPILOG = """budgets:
   "24GB x 1", "80GiB × 8", "8 x 80GiB"   GPU memory per GPU × GPU count (GB = 10^9 bytes, GiB = 2^30)
@@ -32,16 +36,6 @@ removal differently (the pipeline re-checks the budget with them)."""
 PRECISIONS = ("fp32", "bf16", "bf16_mixed", "fp16_mixed")
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text} must be at least 1")
-    return value
-
-
 def add_plan_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add `plan` to an argparse sub-parser collection (`parser.add_subparsers(dest="command")`)."""
     p = subparsers.add_parser(
@@ -57,20 +51,21 @@ def add_plan_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
     p.add_argument("--precision", choices=PRECISIONS, default=None,
                    help="default: from the config's train.mixed_precision (bf16 → bf16_mixed), else bf16_mixed")
     p.add_argument("--optimizer", choices=("adamw", "sgd", "adafactor"), default="adamw")
-    p.add_argument("--micro-batch", type=_positive, default=None, help="sequences per GPU per step")
-    p.add_argument("--seq-len", type=_positive, default=None, help="tokens per sequence")
+    p.add_argument("--micro-batch", type=positive, default=None, help="sequences per GPU per step")
+    p.add_argument("--seq-len", type=positive, default=None,
+                   help="tokens per sequence; default: the config's data.seq_len, else min(2048, the model's "
+                        "positions); with --score: earlycrop prune's calibration default (128)")
     p.add_argument("--zero-stage", type=int, choices=(0, 1, 2, 3), default=0, help="DeepSpeed ZeRO stage (0: DDP)")
     p.add_argument("--checkpointing", action="store_true", help="activation checkpointing of every layer")
     p.add_argument("--attention", choices=("eager", "sdpa", "flash"), default=None,
                    help="attention kernel of the training run: eager keeps every head's T×T probabilities, sdpa and "
-                        "flash do not; default: the config's attn_implementation, else sdpa (transformers' default)")
+                        "flash do not; default: the config's attn_implementation, else sdpa (transformers' default); "
+                        "with --score: eager, what earlycrop prune and ZeRO-3 scoring load")
     # the selection flags are SelectionSettings' fields (declared once, shared with the run config and prune)
     from pipeline.config import SelectionSettings
 
-    from .arguments import add_fields, fraction
-
     add_fields(p, SelectionSettings, ["layout", "gqa", "round_to"], defaults=dict.fromkeys(("layout", "gqa", "round_to")),
-               parsers={"round_to": _positive}, notes={"layout": "default: the config's, else uniform",
+               parsers={"round_to": positive}, notes={"layout": "default: the config's, else uniform",
                                                        "gqa": "default: the config's, else per_group"})
     fixed = p.add_mutually_exclusive_group()
     add_fields(fixed, SelectionSettings, ["heads", "mlp"], defaults={"heads": None, "mlp": None},
@@ -84,43 +79,60 @@ def add_plan_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
                    help="GPU size for the fewest-GPUs rows with a params / flops budget (e.g. 80GiB)")
     p.add_argument("--allow-unsaveable", action="store_true",
                    help="also accept plans whose pruned config transformers refuses (e.g. heads not dividing hidden)")
+    add_score_flags(p)
     p.set_defaults(command="plan")
     return p
 
 
 def _load(args: argparse.Namespace):
-    """(ModelShape, model config, defaults from the run config): the model is built on the meta device only to read
-    its shape; the search runs on the shape, the config checks that plans can be saved."""
+    """(ModelShape, the transformers config that checks plans can be saved, defaults from the run config or
+    config.json). A plain Llama / Qwen2 / Mistral config.json is read as JSON (no torch or transformers: the config
+    is then None, since such a config describes every cut transformers accepts, `describe_layout` writing the head
+    count only where it divides hidden_size); anything else is built on the meta device to read its shape."""
+    if args.config:
+        return _load_run_config(args.config)
+    from earlycrop.memory import shape_from_config
+
+    path = Path(args.model) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{args.model} is not a model folder: config.json is missing")
+    saved = json.loads(path.read_text())
+    defaults: dict = {"positions": _max_positions(saved)}
+    for key in ("attn_implementation", "_attn_implementation"):
+        if saved.get(key):
+            defaults["attention"] = (saved[key], f"config.json's {key}")
+            break
+    shape = shape_from_config(saved)
+    if shape is not None:
+        return shape, None, defaults
+    from earlycrop.budget import model_shape, model_skeleton
+
+    model = model_skeleton(args.model)
+    return model_shape(model), model.config, defaults
+
+
+def _load_run_config(path: str):
+    """`_load` for a YAML run config: the model it builds, on the meta device, and the run's training settings."""
     import torch
 
     from earlycrop.budget import model_shape, model_skeleton
+    from pipeline.config import load_config
+    from pipeline.modeling import build_model
 
-    defaults: dict = {}
-    if args.config:
-        from pipeline.config import load_config
-        from pipeline.modeling import build_model
-
-        cfg = load_config(args.config)
-        if cfg.model.name_or_path is not None:
-            model = model_skeleton(cfg.model.name_or_path, task=cfg.model.task, num_labels=cfg.model.num_labels)
-        else:
-            with torch.device("meta"):
-                model = build_model(cfg.model, cfg.data.vocab_size, None, cfg.seed)
-        mixed = cfg.train.mixed_precision
-        precision = {"bf16": "bf16_mixed", "fp16": "fp16_mixed"}.get(mixed)
-        if precision is None:
-            precision = "bf16" if cfg.model.dtype == "bfloat16" else "fp32"
-        p = cfg.prune
-        defaults = dict(precision=precision, micro_batch=cfg.train.micro_batch_size, seq_len=cfg.data.seq_len,
-                        layout=p.layout, gqa=p.gqa, round_to=p.round_to,
-                        attention=(cfg.model.attn_implementation, "the config's model.attn_implementation"))
+    cfg = load_config(path)
+    if cfg.model.name_or_path is not None:
+        model = model_skeleton(cfg.model.name_or_path, task=cfg.model.task, num_labels=cfg.model.num_labels)
     else:
-        model = model_skeleton(args.model)
-        saved = json.loads((Path(args.model) / "config.json").read_text())
-        for key in ("attn_implementation", "_attn_implementation"):
-            if saved.get(key):
-                defaults["attention"] = (saved[key], f"config.json's {key}")
-                break
+        with torch.device("meta"):
+            model = build_model(cfg.model, cfg.data.vocab_size, None, cfg.seed)
+    mixed = cfg.train.mixed_precision
+    precision = {"bf16": "bf16_mixed", "fp16": "fp16_mixed"}.get(mixed)
+    if precision is None:
+        precision = "bf16" if cfg.model.dtype == "bfloat16" else "fp32"
+    p = cfg.prune
+    defaults = dict(precision=precision, micro_batch=cfg.train.micro_batch_size, seq_len=cfg.data.seq_len,
+                    layout=p.layout, gqa=p.gqa, round_to=p.round_to,
+                    attention=(cfg.model.attn_implementation, "the config's model.attn_implementation"))
     return model_shape(model), model.config, defaults
 
 
@@ -136,9 +148,15 @@ def _attention(args: argparse.Namespace, defaults: dict) -> tuple[str, str]:
     return "sdpa", "transformers' default"
 
 
-def _max_positions(config) -> int | None:
+def _check_saveable(args: argparse.Namespace, config) -> bool:
+    """Whether the search checks plans against transformers' config validation: not with --allow-unsaveable, and
+    not for a config read as JSON (`_load`: every plan of those families is saveable)."""
+    return not args.allow_unsaveable and config is not None
+
+
+def _max_positions(config: dict) -> int | None:
     for key in ("max_position_embeddings", "n_positions"):
-        value = getattr(config, key, None)
+        value = config.get(key)
         if isinstance(value, int) and value > 0:
             return value
     return None
@@ -158,13 +176,13 @@ def run_plan(args: argparse.Namespace) -> int:
         return 2
 
 
-def _setup(args: argparse.Namespace, defaults: dict, config, budget, attention: str):
+def _setup(args: argparse.Namespace, defaults: dict, budget, attention: str):
     """The training setup the plan is for: flags, else the run config's values, else the plan defaults."""
     from earlycrop.memory import TrainingSetup
 
     seq_len = args.seq_len or defaults.get("seq_len")
     if seq_len is None:
-        positions = _max_positions(config)
+        positions = defaults.get("positions")
         seq_len = min(2048, positions) if positions else 2048
     return TrainingSetup(
         precision=args.precision or defaults.get("precision", "bf16_mixed"),
@@ -181,15 +199,17 @@ def _setup(args: argparse.Namespace, defaults: dict, config, budget, attention: 
 def _run(args: argparse.Namespace) -> int:
     from earlycrop.budget import DEFAULT_HEADROOM, Budget, budget_report, fit_to_budget
     from earlycrop.memory import estimate_memory, format_bytes
-    from earlycrop.select import SelectionConfig
+    from earlycrop.plans import SelectionConfig
 
     budget = Budget.parse(args.budget)  # before building anything: a typo fails fast
     headroom = DEFAULT_HEADROOM if args.headroom is None else args.headroom
     if not 0.0 <= headroom < 1.0:
         raise ValueError(f"--headroom {headroom}: the fraction kept free must be in [0, 1)")
     shape, config, d = _load(args)
+    if args.score:
+        return run_score_plan(args, budget, headroom, shape)
     attention, attention_source = _attention(args, d)
-    setup = _setup(args, d, config, budget, attention)
+    setup = _setup(args, d, budget, attention)
     search = "mlp" if args.heads is not None else "heads" if args.mlp is not None else "both"
     base = SelectionConfig(
         heads=args.heads or 0.0,
@@ -208,7 +228,7 @@ def _run(args: argparse.Namespace) -> int:
     gpu = budget.gpu_bytes if budget.kind == "memory" else args.gpu_memory
     try:
         result = fit_to_budget(shape, None, base, setup, budget, search=search, headroom=headroom,
-                               require_saveable=not args.allow_unsaveable, config=config)
+                               require_saveable=_check_saveable(args, config), config=config)
     except ValueError as exc:
         if checkpointed is None:
             raise
@@ -285,7 +305,7 @@ def _alternatives(shape, config, base, setup, budget, headroom, args, result) ->
     for search, fixed in (("mlp", {"heads": result.heads}), ("heads", {"mlp": result.mlp})):
         try:
             other = fit_to_budget(shape, None, replace(base, **fixed), setup, budget, search=search, headroom=headroom,
-                                  require_saveable=not args.allow_unsaveable, config=config)
+                                  require_saveable=_check_saveable(args, config), config=config)
         except ValueError:
             continue
         if other.plan.counts() != result.plan.counts():

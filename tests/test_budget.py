@@ -6,13 +6,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
-from earlycrop import SelectionConfig, get_adapter, make_plan, prune, save_pretrained
+from earlycrop import Plan, SelectionConfig, get_adapter, make_plan, prune, save_pretrained
 from earlycrop.budget import (
     DEFAULT_HEADROOM,
     Budget,
@@ -575,3 +577,74 @@ def test_default_headroom_is_one_value_for_the_cli_and_run_configs(tiny_folder, 
     assert f"{DEFAULT_HEADROOM:.0%} kept free: {usable} usable" in capsys.readouterr().out
     assert _run(["plan", "--model", str(tiny_folder), "--budget", "1GB x 1", "--headroom", "0"]) == 0
     assert "0% kept free: 953.67 MiB usable" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------------------ plan --score
+
+
+def _score_rows(out: str) -> dict[str, str]:
+    """Engine label → the rest of its row in `earlycrop plan --score`'s table."""
+    rows = {}
+    for line in out.splitlines():
+        for label in ("one process", "DDP, 8 ranks", "ZeRO-3, 8 ranks"):
+            if line.startswith(label):
+                rows[label] = line[len(label):].strip()
+    return rows
+
+
+def test_cli_plan_score_answers_per_engine(llama3_8b_folder, capsys):
+    """An 8B model's float32 weights alone (32.1 GB) exceed a 24 GB GPU: one process and DDP cannot score it there,
+    ZeRO-3 over 8 ranks can (4 GB of weights and 3.5 GB of g per rank); on 80 GB GPUs one process can (weights + g
+    60 GB)."""
+    score = ["plan", "--model", str(llama3_8b_folder), "--score", "--batches", "8", "--batch-size", "1", "--seq-len", "256"]
+    assert _run([*score, "--budget", "24GB x 8"]) == 0
+    out = capsys.readouterr().out
+    rows = _score_rows(out)
+    assert rows["one process"].endswith(" no") and rows["DDP, 8 ranks"].endswith(" no")
+    assert rows["ZeRO-3, 8 ranks"].endswith(" yes")
+    assert "earlycrop, hvp finite_difference, float32 weights, 8 calibration batch(es) of 1 × 256 tokens, eager" in out
+    assert "score with: accelerate launch --config_file launch/accelerate/zero3.yaml --num_processes 8" in out
+    assert _run([*score, "--budget", "80GB x 8"]) == 0
+    out = capsys.readouterr().out
+    assert _score_rows(out)["one process"].endswith(" yes") and "score with: earlycrop prune --model" in out
+
+
+def test_cli_plan_score_says_why_an_engine_cannot_score(llama3_8b_folder, capsys):
+    score = ["plan", "--model", str(llama3_8b_folder), "--score", "--budget", "80GB x 8"]
+    assert _run([*score, "--batches", "5"]) == 0
+    rows = _score_rows(capsys.readouterr().out)
+    assert "every rank needs one" in rows["DDP, 8 ranks"] and "divide evenly over 8 ranks" in rows["ZeRO-3, 8 ranks"]
+    assert _run([*score, "--batches", "8", "--hvp", "exact"]) == 0
+    rows = _score_rows(capsys.readouterr().out)
+    assert "not modelled" in rows["one process"] and "ZeRO-3 scoring refuses" in rows["ZeRO-3, 8 ranks"]
+    assert _run([*score[:-2], "--budget", "params<=1B"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--score answers for GPUs" in err and "\n" not in err
+
+
+def test_cli_plan_reads_a_llama_config_as_json_with_the_same_answer(llama3_8b_folder, capsys, monkeypatch):
+    """The JSON shape gives the plan the model built on the meta device gives, and the command then imports neither
+    torch nor transformers."""
+    plan = ["plan", "--model", str(llama3_8b_folder), "--budget", "24GB x 8", "--zero-stage", "3"]
+    assert _run(plan) == 0
+    fast = capsys.readouterr().out
+    monkeypatch.setattr("earlycrop.memory.shape_from_config", lambda config: None)
+    assert _run(plan) == 0
+    assert capsys.readouterr().out == fast
+    code = (f"import sys; from launch.cli import main; assert main({[*plan, '--checkpointing']!r}) == 0; "
+            "loaded = {'torch', 'transformers'} & set(sys.modules); assert not loaded, loaded")
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, capture_output=True)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
+def test_every_cut_of_a_llama_like_config_is_saveable(family):
+    """Why `earlycrop plan` skips transformers' validation for a config read as JSON: these configs carry head_dim and
+    take the head count only where it divides hidden_size, so no cut is refused."""
+    config = build(family).config  # hidden 32, 8 heads in 2 key/value groups, 48 neurons
+    for kv in (1, 2):
+        for per_group in range(1, 5):
+            for neurons in (1, 7, 48):
+                heads = kv * per_group
+                plan = Plan(family, "uniform", [list(range(heads))] * 2, [list(range(kv))] * 2,
+                            [list(range(neurons))] * 2, [8, 8], [2, 2], [48, 48])
+                assert plan_config_error(config, plan) is None
