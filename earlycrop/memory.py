@@ -114,8 +114,8 @@ not modelled (its double backward keeps the backward graph and every weight's gr
 Checked against the live tensors of `earlycrop.score_units` (torch profiler, CPU) in the tests, within 6% for snip
 and finite-difference earlycrop in float32 and bfloat16; against peak RSS of `earlycrop prune` at 300M and 1.1B in
 benchmarks/RESULTS.md ("Scoring with partitioned parameters"). Not modelled: the process runtime (Python, torch,
-transformers, DeepSpeed: about 0.75 GB of CPU memory; on a GPU, the CUDA context), communication buffers, and the
-memory a ZeRO-3 rank's process holds on CPU beyond its tensors (measured there, not explained by any tensor: see
+transformers, DeepSpeed: about 0.75 GB of CPU memory; on a GPU, the CUDA context), communication buffers, and what
+a ZeRO-3 rank was measured to hold on CPU beyond these terms (0.5-1.3x the model's weights, cause not found: see
 that section); keep headroom for them.
 """
 

@@ -111,16 +111,17 @@ def _print_rows(shape, engines: list[tuple[str, int]], base: dict, batches: int,
 
 
 def _print_zero3_excess(shape, base: dict, n: int, usable: float) -> None:
-    """What ZeRO-3 ranks were measured to hold beyond the estimate, as a second answer: on CPU (300M, 1.1B; 2 ranks)
-    up to one model's weights per rank that no modelled tensor explains (benchmarks/records/partitioned.notes.md)."""
+    """What ZeRO-3 ranks were measured to hold beyond the estimate, as a second answer: on CPU (2 ranks) 1.3× the
+    weights at 300M and 0.46× at 1.1B that no modelled term explains (benchmarks/records/partitioned.notes.md),
+    taken as one more model's weights per rank."""
     from earlycrop.memory import ScoringSetup, estimate_scoring_memory, format_bytes
 
     setup = ScoringSetup(**base, engine="zero3", num_gpus=n)
     excess = shape.num_params() * setup.weight_bytes
     need = estimate_scoring_memory(shape, setup).total + excess
-    print(f"ZeRO-3 measured more than its tensors on CPU: up to one model's weights per rank ({format_bytes(excess)} "
-          f"here), cause not found (benchmarks/RESULTS.md, 'Scoring with partitioned parameters'); with it a rank "
-          f"needs {format_bytes(need)}: {'fits' if need <= usable else 'does not fit'}")
+    print(f"ZeRO-3 ranks measured more than these terms on CPU (0.5-1.3x the model's weights), cause not found "
+          f"(benchmarks/RESULTS.md, 'Scoring with partitioned parameters'); with one more model's weights "
+          f"({format_bytes(excess)}) a rank needs {format_bytes(need)}: {'fits' if need <= usable else 'does not fit'}")
 
 
 def _check_batches(engine: str, ranks: int, batches: int) -> None:
