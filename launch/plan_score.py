@@ -31,7 +31,8 @@ def add_score_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--score", action="store_true",
                    help="answer whether the dense model can be scored on the budget's GPUs, per engine (one process, "
                         "DDP, ZeRO-3), instead of planning training")
-    g.add_argument("--criterion", choices=list(CRITERION_PASSES), default="earlycrop", help="(default: %(default)s)")
+    g.add_argument("--criterion", choices=list(CRITERION_PASSES), default="earlycrop",
+                   help="the criterion that scores (default: %(default)s)")
     g.add_argument("--hvp", choices=("finite_difference", "exact"), default="finite_difference",
                    help="how earlycrop / grasp compute H·g: only finite_difference is modelled, and ZeRO-3 refuses "
                         "exact (default: %(default)s)")
