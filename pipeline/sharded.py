@@ -79,8 +79,12 @@ def load_partitioned(folder: str | Path, config: dict | None = None, *, dtype: t
         raise ValueError("load_partitioned needs a ZeRO stage 3 config (zero_optimization.stage = 3)")
     model_config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
     model_config._attn_implementation = "eager"  # scoring's backward must not use fused kernels' approximations
-    # zero.Init partitions every parameter as its module is created: no rank ever builds the model whole
-    with deepspeed.zero.Init(config_dict_or_path=config, dtype=dtype or torch.float32):
+    # zero.Init partitions every parameter as its module is created: no rank ever builds the model whole. The
+    # dtype goes through the config's bf16/fp16 sections, never `dtype=`: DeepSpeed 0.19.8 reads an explicit
+    # dtype as `dtype or fp16 if the accelerator has fp16 else bf16`, so a CPU without fp16 got bfloat16 for float32
+    dtype = dtype or torch.float32
+    config = {**config, "bf16": {"enabled": dtype == torch.bfloat16}, "fp16": {"enabled": dtype == torch.float16}}
+    with deepspeed.zero.Init(config_dict_or_path=config):
         model = (model_class or architecture_class(model_config))(model_config)
     load_partitions(model, Path(folder))
     # no optimizer: DeepSpeed then only partitions and gathers the parameters (no fp32 master copy, no gradient
