@@ -133,10 +133,15 @@ def print_run_summary(cfg, summary: dict) -> None:
     if meta.get("run_id"):
         uri = meta["tracking_uri"]
         print(f"MLflow run {meta['run_id']} at {uri}")
+        # the run's page, in the UI's model-training view (it opens in its GenAI view otherwise)
+        page = (f"/#/experiments/{meta['experiment_id']}/runs/{meta['run_id']}?workflowType=machine_learning"
+                if meta.get("experiment_id") else "")
         if uri.startswith(("http://", "https://")):  # a tracking server already serves the UI
-            print(f"view it: open {uri} in a browser")
+            print(f"view it: open {uri.rstrip('/')}{page} in a browser")
         else:  # one worker starts in seconds; the default four each import mlflow
             print(f"view it: mlflow ui --host 127.0.0.1 --workers 1 --backend-store-uri {uri}")
+            if page:
+                print(f"then open http://127.0.0.1:5000{page}")
 
 
 if __name__ == "__main__":

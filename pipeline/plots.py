@@ -19,7 +19,7 @@ from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-__all__ = ["plot_kept_units", "plot_loss_curves", "plot_scores"]
+__all__ = ["plot_kept_units", "plot_loss_curves", "plot_run_losses", "plot_scores"]
 
 _KEPT = "#1f77b4"
 _TOTAL = "#d0d0d0"
@@ -101,6 +101,16 @@ def plot_loss_curves(curves: Mapping[str, Sequence[tuple[int, float]]]) -> Figur
     else:
         ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
     return fig
+
+
+def plot_run_losses(history: Sequence[Mapping[str, float]], final: tuple[int, float] | None = None) -> Figure:
+    """The train and validation losses of a run's history, ending at `final` (step, val loss): the evaluation after
+    training, which the history does not hold (the loop skips its last evaluation for it)."""
+    train = [(h["step"], h["train_loss"]) for h in history if "train_loss" in h]
+    validation = {h["step"]: h["val_loss"] for h in history if "val_loss" in h}
+    if final is not None:
+        validation[final[0]] = final[1]
+    return plot_loss_curves({"train": train, "validation": sorted(validation.items())})
 
 
 def plot_scores(heads: list[list[float]], neurons: list[list[float]], kept_heads: list[list[int]] | None = None,

@@ -31,13 +31,13 @@ from .distributed import (describe_launch, describe_peak_memory, is_collective_t
 from .finetune import distillation_span, fine_tuning_teacher, make_distiller, recover, recovery_blocks, teacher_at_cut, teacher_dtype, warm_up_new_head
 from .modeling import build_model, check_seq_len
 from .outputs import check_resume_identity, check_run_output_dir, read_identity, run_identity, write_identity
-from .plots import plot_loss_curves
+from .plots import plot_run_losses
 from .prepare import check_labels, check_tokenizer, prepare_data
 from .pruning import PLAN_FILE, SCORES_FILE, Pruner, log_event
 from .scoring import placeholder_plan, scoring_criterion
 from .target import fit_target
 from .timing import StageTimer
-from .tracking import ONE_OFF_STEP, create_tracker, default_run_name, end_stale_run, flatten_config
+from .tracking import ONE_OFF_STEP, create_tracker, default_run_name, end_stale_run, flatten_config, run_info
 from .train import BlockSampler, DeferredSigterm, Loop, TrainerState, evaluate, latest_checkpoint, load_trainer_state, train
 
 __all__ = ["PLAN_FILE", "SCORES_FILE", "Job", "run"]
@@ -178,7 +178,7 @@ class Job:
                                  fallback_to_local=cfg.tracking_fallback_local, run_id=run_id, tags=tags)
         try:
             if acc.is_main_process:
-                info.write_text(json.dumps({"run_id": tracker.run_id, "tracking_uri": tracker.tracking_uri}))
+                info.write_text(json.dumps(run_info(tracker)))
             previous = self.previous_run or {}
             if acc.is_main_process and previous.get("run_id") not in (None, run_id):
                 # a killed run that will not be continued: no longer RUNNING forever in the UI
@@ -332,10 +332,7 @@ class Job:
                 self.prepared.tokenizer.save_pretrained(final_dir)
                 self.tracker.log_model_dir(final_dir, "model", registered_model_name=self.cfg.register_model,
                                            step=self.state.step)
-        history = self.state.history
-        self.tracker.log_figure(plot_loss_curves({"train": [(h["step"], h["train_loss"]) for h in history if "train_loss" in h],
-                                                  "validation": [(h["step"], h["val_loss"]) for h in history if "val_loss" in h]}),
-                                "loss_curves.png")
+        self.tracker.log_figure(plot_run_losses(self.state.history, (self.state.step, summary["val_loss"])), "loss_curves.png")
         if acc.is_main_process:
             (self.out / "summary.json").write_text(json.dumps(summary, indent=1))
 

@@ -12,7 +12,7 @@ import torch
 import earlycrop
 from earlycrop import Plan, SelectionConfig, make_plan
 from earlycrop.scores import Scores
-from pipeline.plots import plot_kept_units, plot_loss_curves, plot_scores
+from pipeline.plots import plot_kept_units, plot_loss_curves, plot_run_losses, plot_scores
 
 from .tiny_models import build
 
@@ -84,3 +84,12 @@ def test_every_per_layer_axis_has_integer_ticks(layers):
     # a 2,000-neuron layer is drawn from at most 300 points (rank-spaced), kept and removed together
     drawn = sum(len(c.get_offsets()) for c in scores.axes[1].collections)
     assert drawn == 300 * layers
+
+
+def test_the_loss_plot_ends_at_the_final_evaluation():
+    # the loop evaluates at 2 and leaves step 4 to the evaluation after training, which the history does not hold
+    history = [{"step": 0, "val_loss": 5.0}, {"step": 2, "train_loss": 4.0}, {"step": 2, "val_loss": 4.5},
+               {"step": 4, "train_loss": 3.0}]
+    lines = {line.get_label(): line for line in plot_run_losses(history, (4, 3.5)).axes[0].get_lines()}
+    assert list(zip(lines["validation"].get_xdata(), lines["validation"].get_ydata())) == [(0, 5.0), (2, 4.5), (4, 3.5)]
+    assert list(lines["train"].get_xdata()) == [2, 4]

@@ -342,12 +342,18 @@ def test_own_checkpoints_lists_this_runs_checkpoints_by_step(tmp_path: Path) -> 
     assert own_checkpoints(tmp_path / "missing", mine, "step_") == []
 
 
-@pytest.mark.parametrize(("uri", "expected"), [
-    ("http://127.0.0.1:5000", "view it: open http://127.0.0.1:5000 in a browser"),
-    ("sqlite:////runs/x/mlflow.db", "view it: mlflow ui --host 127.0.0.1 --workers 1 --backend-store-uri sqlite:////runs/x/mlflow.db"),
+RUN_PAGE = "/#/experiments/7/runs/abc?workflowType=machine_learning"  # the run, in the model-training view
+
+
+@pytest.mark.parametrize(("uri", "experiment_id", "expected"), [
+    ("http://127.0.0.1:5000/", "7", [f"view it: open http://127.0.0.1:5000{RUN_PAGE} in a browser"]),
+    ("sqlite:////runs/x/mlflow.db", "7", ["view it: mlflow ui --host 127.0.0.1 --workers 1 --backend-store-uri "
+                                          "sqlite:////runs/x/mlflow.db", f"then open http://127.0.0.1:5000{RUN_PAGE}"]),
+    ("http://127.0.0.1:5000", None, ["view it: open http://127.0.0.1:5000 in a browser"]),  # a run_info.json from before
 ])
-def test_run_summary_shows_a_command_that_works(tmp_path: Path, capsys, uri: str, expected: str) -> None:
-    (tmp_path / "run_info.json").write_text(json.dumps({"run_id": "abc", "tracking_uri": uri}))
+def test_run_summary_shows_a_command_that_works(tmp_path: Path, capsys, uri: str, experiment_id, expected) -> None:
+    info = {"run_id": "abc", "tracking_uri": uri, **({"experiment_id": experiment_id} if experiment_id else {})}
+    (tmp_path / "run_info.json").write_text(json.dumps(info))
     summary = {"params_dense": 10, "params_final": 5, "val_loss": 1.0, "val_perplexity": 2.7, "steps": 3}
     print_run_summary(SimpleNamespace(output_dir=str(tmp_path)), summary)
-    assert capsys.readouterr().out.splitlines()[-1] == expected
+    assert capsys.readouterr().out.splitlines()[-len(expected):] == expected

@@ -224,6 +224,7 @@ def test_a_run_logs_curves_in_sections_and_one_off_figures_once(tmp_path):
     info = json.loads((out / "run_info.json").read_text())
     client = _client(info["tracking_uri"])
     run = client.get_run(info["run_id"])
+    assert info["experiment_id"] == run.info.experiment_id, "the CLI prints the run's page from it"
     assert run.info.run_name == "llama-earlycrop-h50-m50-uniform-s0"
     assert all("/" in key for key in run.data.metrics), sorted(run.data.metrics)
     points = {key: [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, key)] for key in run.data.metrics}
@@ -352,7 +353,7 @@ def test_mlflow_roundtrip_sqlite(tmp_path):
     }
     assert run.data.tags["mlflow.user"] and run.data.tags["mlflow.source.name"], "the UI's Created by and Source"
     exp = client.get_experiment_by_name("exp-a")
-    assert exp.tags["mlflow.experimentKind"] == "custom_model_development", "the UI opens it on its training runs"
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development", "a model-training experiment"
     assert Path(exp.artifact_location.removeprefix("file://")) == (out / "mlartifacts").resolve()
     local = Path(run.info.artifact_uri.removeprefix("file://"))
     assert json.loads((local / "plan" / "plan.json").read_text())["kept_heads"] == [2, 1]

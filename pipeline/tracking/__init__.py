@@ -34,7 +34,7 @@ as an MLflow Logged Model: transformers flavor, or a python model through ``earl
 from __future__ import annotations
 
 from .backlog import BACKLOG_FILE_NAME, read_backlog, replay_backlog, write_backlog
-from .factory import create_tracker
+from .factory import create_tracker, run_info
 from .interface import NullTracker, Tracker, TrackingUnavailableError, TrackingWarning
 from .mlflow_client import DEFAULT_HTTP_RETRIES, DEFAULT_HTTP_TIMEOUT, PENDING_DIR_NAME, MLflowTracker
 from .names import ONE_OFF_STEP, default_run_name, metric_name
@@ -57,6 +57,7 @@ __all__ = [
     "TrackingUnavailableError",
     "TrackingWarning",
     "create_tracker",
+    "run_info",
     "end_stale_run",
     "metric_name",
     "ONE_OFF_STEP",

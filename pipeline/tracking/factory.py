@@ -47,3 +47,10 @@ def create_tracker(
         fallback_tags = dict(tags or {})
         fallback_tags["earlycrop.tracking_fallback_from"] = uri
         return MLflowTracker(local, experiment, run_name, output_dir=output_dir, tags=fallback_tags)
+
+
+def run_info(tracker: Tracker) -> dict[str, Any]:
+    """What run_info.json keeps: the run and its store (to resume it), and its experiment (the CLI prints the run's
+    page from it; only an MLflow tracker has one)."""
+    return {"run_id": tracker.run_id, "tracking_uri": tracker.tracking_uri,
+            "experiment_id": getattr(tracker, "experiment_id", None)}

@@ -23,7 +23,8 @@ from .uris import check_server_reachable, create_in_store, sqlite_artifact_locat
 from .values import MAX_METRICS_PER_BATCH, flatten_config, sanitize_key, short_error, tag_values, to_plain
 
 PENDING_DIR_NAME = "tracking_pending"  # staged artifacts whose upload is still pending
-# an experiment without this tag opens in the UI's GenAI view (traces, "Detect issues"), not its training runs
+# what the experiment is, as the UI records it when a user picks one (model training, not GenAI); the view the UI
+# opens in is its own switch (the run's printed address sets it: launch/cli.py)
 EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 
 # HTTP behaviour of mlflow's REST client while *we* make calls (unless the user set these env
