@@ -78,9 +78,11 @@ def run_quickstart(output_dir: Path, overrides: list[str]) -> None:
                *QUICKSTART_OVERRIDES, *overrides]
     print("running:", " ".join(command[1:]), flush=True)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
-    with open(f"{output_dir}.log", "w") as log:
-        subprocess.run(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, check=True,
+    log = Path(f"{output_dir}.log")
+    with log.open("w") as sink:
+        subprocess.run(command, cwd=REPO, stdout=sink, stderr=subprocess.STDOUT, check=True,
                        env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
+    print(*log.read_text().splitlines()[-4:], sep="\n", flush=True)  # what the run tells its user: results, the UI
 
 
 def find_target(uri: str, run_id: str | None) -> Target:
