@@ -105,6 +105,10 @@ VARIANTS: dict[str, list[str]] = {
     "earlycrop-uniform@early10+kd": ["prune.criterion=earlycrop", "prune.layout=uniform", "prune.objective=task",
                                      "prune.prune_at=10", "train.distill.enabled=true", "train.distill.logits=1.0",
                                      "train.distill.hidden=1.0", "train.distill.task=1.0"],
+    # the same with the hidden-state term only (no softened logits: the task loss alone shapes the outputs)
+    "earlycrop-uniform@early10+hid": ["prune.criterion=earlycrop", "prune.layout=uniform", "prune.objective=task",
+                                      "prune.prune_at=10", "train.distill.enabled=true", "train.distill.logits=0.0",
+                                      "train.distill.hidden=1.0", "train.distill.task=1.0"],
     "magnitude-uniform+recovery+kd": ["prune.criterion=magnitude", "prune.layout=uniform", "train.recovery_steps=50",
                                       "train.distill.enabled=true", "train.distill.hidden=1.0", "train.distill.task=1.0"],
 }
