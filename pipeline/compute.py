@@ -39,7 +39,8 @@ def phase_positions(*, tokens: float, tokens_per_step: float, pruned_at: int | N
 
 
 def training_flops(dense: ModelShape, final: ModelShape, seq_len: int, positions: Positions) -> dict[str, float]:
-    """FLOPs per phase and in total (`flops_total`), keyed as the run summary and MLflow's `flops/` section show them."""
+    """FLOPs per phase the run went through (a phase it skipped is left out, not an empty bar in MLflow) and in
+    total (`flops_total`), keyed as the run summary and MLflow's `flops/` section show them."""
     dense_train, final_train = dense.flops_per_token(seq_len), final.flops_per_token(seq_len)
     phases = {
         "flops_train_dense": dense_train * positions.dense_training,
@@ -48,4 +49,4 @@ def training_flops(dense: ModelShape, final: ModelShape, seq_len: int, positions
         "flops_recovery": final_train * positions.recovery,
         "flops_head_warmup": dense_train / 3 * positions.head_warmup,
     }
-    return {**phases, "flops_total": sum(phases.values())}
+    return {**{k: v for k, v in phases.items() if v}, "flops_total": sum(phases.values())}
