@@ -12,6 +12,15 @@ child process (these runs predate the pipeline's own step-0 evaluation, `val_los
     python benchmarks/transfer_quality.py --ratios 0.5        # dense + 7 criteria at 50%, 3 seeds (resumable)
     python benchmarks/transfer_quality.py --ratios 0.7        # 7 criteria at 70%, seeds 0 and 1
     python benchmarks/transfer_quality.py --report            # write the section of benchmarks/RESULTS.md
+    python benchmarks/transfer_quality.py --kd                # issue 13: dense, earlycrop, earlycrop+kd at 50%, 3 seeds
+    python benchmarks/transfer_quality.py --kd --report       # write the distillation section of benchmarks/RESULTS.md
+
+`--kd` (issue 13, item 4) runs per seed, at 50% removed: `dense`, `earlycrop` (prune_at 0) and `earlycrop+kd`: the
+same cut, fine-tuned with logit + hidden-state distillation from the dense wiki model as built (before the cut;
+`train.distill.*`, see `KD`); and `earlycrop+kd-news`, the same with the seed's dense run (the wiki model
+fine-tuned on news) as the teacher. Its runs go to `runs/transfer-kd` and `benchmarks/records/transfer-kd.jsonl`, with
+their own dense runs (the dense wiki models are retrained on the machine that runs them), and to their own
+RESULTS.md section, so the records and section of the main transfer sweep are left as they are.
 
 Each finished run is appended to `benchmarks/records/transfer.jsonl` (`--records`); a rerun skips runs already there. Every run is an MLflow
 run of one experiment in one sqlite store, `<out>/mlflow.db`. Each run executes in a forked child process, so a
@@ -52,6 +61,15 @@ TRANSFER = [
     "train.max_steps=300", "train.lr=5e-4", "train.warmup_steps=20", "train.scheduler=cosine",
     "train.eval_every=25", "train.eval_batches=16", "train.log_every=25", "train.checkpoint_every=0",
 ]
+# issue 13 item 4: the variants a criterion name stands for, each = (the pruning criterion, extra overrides)
+KD = ["train.distill.enabled=true", "train.distill.logits=1.0", "train.distill.hidden=1.0", "train.distill.task=1.0"]
+VARIANTS = {"earlycrop+kd": ("earlycrop", KD),
+            # the same, but the teacher is the dense wiki model already fine-tuned on news: this sweep's own dense run
+            # of the seed (its model/ folder, so that run must be done first), i.e. a teacher better than the student
+            "earlycrop+kd-news": ("earlycrop", KD)}
+NEWS_TEACHER = "earlycrop+kd-news"
+KD_NAMES = ("dense", "earlycrop", "earlycrop+kd", NEWS_TEACHER)
+KD_SECTION = "## Transfer with distillation from the dense wiki model (transfer_quality.py --kd)"
 QUICK = ["train.max_steps=30", "train.warmup_steps=3", "train.eval_every=10", "train.eval_batches=4",
          "train.log_every=10", "prune.calibration_batches=2"]
 
@@ -60,7 +78,10 @@ def run_key(criterion: str, ratio: float | None, seed: int) -> str:
     return f"dense-s{seed}" if criterion == "dense" else f"{criterion}-r{ratio}-s{seed}"
 
 
-def planned_runs(quick: bool) -> list[dict]:
+def planned_runs(quick: bool, kd: bool = False) -> list[dict]:
+    if kd:
+        return [dict(criterion=c, ratio=None if c == "dense" else 0.5, seed=seed)
+                for seed in ([0] if quick else [0, 1, 2]) for c in KD_NAMES]
     if quick:
         return [dict(criterion="dense", ratio=None, seed=0), dict(criterion="earlycrop", ratio=0.5, seed=0),
                 dict(criterion="random", ratio=0.5, seed=0)]
@@ -81,8 +102,11 @@ def overrides_for(spec: dict, out: Path, quick: bool, dense_root: Path, extra: l
            f"tracking_uri=sqlite:///{(out / 'mlflow.db').resolve()}"]
     if spec["criterion"] == "dense":
         return ov + ["prune.prune_at=never"]
-    return ov + [f"prune.criterion={spec['criterion']}", f"prune.heads={spec['ratio']}", f"prune.mlp={spec['ratio']}",
-                 "prune.prune_at=0"]
+    criterion, more = VARIANTS.get(spec["criterion"], (spec["criterion"], []))
+    return ov + [f"prune.criterion={criterion}", f"prune.heads={spec['ratio']}", f"prune.mlp={spec['ratio']}",
+                 "prune.prune_at=0"] + list(more) + (
+        [f"train.distill.teacher={out / 'runs' / run_key('dense', None, spec['seed']) / 'model'}"]
+        if spec["criterion"] == NEWS_TEACHER else [])
 
 
 def zero_shot(cfg, plan_path: Path) -> dict:
@@ -112,7 +136,8 @@ def zero_shot(cfg, plan_path: Path) -> dict:
             "val_docs": len(val_docs)}
 
 
-def _child(spec: dict, out: str, quick: bool, dense_root: str, extra: list[str], result_path: str) -> None:
+def _child(spec: dict, out: str, quick: bool, dense_root: str, extra: list[str], experiment: str | None,
+           result_path: str) -> None:
     """In the forked child: run the pipeline in-process, measure the zero-shot loss, collect histories from MLflow."""
     import torch
 
@@ -120,13 +145,18 @@ def _child(spec: dict, out: str, quick: bool, dense_root: str, extra: list[str],
     from pipeline.config import load_config
     from pipeline.run import run
 
-    cfg = load_config(CONFIG, overrides_for(spec, Path(out), quick, Path(dense_root), extra))
+    overrides = overrides_for(spec, Path(out), quick, Path(dense_root), extra)
+    cfg = load_config(CONFIG, overrides + ([f"experiment={experiment}"] if experiment else []))
     t0 = time.time()
     summary = run(cfg)
     wall = time.time() - t0
     run_dir = Path(cfg.output_dir)
     info = json.loads((run_dir / "run_info.json").read_text())
-    hist = metric_histories(run_dir, ("val_loss", "train_loss", "params_pruned", "params_dense"))
+    # pipeline names; metric_histories maps them to MLflow's (`val_loss` -> `val/loss`, `params_pruned` -> `params/pruned`)
+    hist = metric_histories(run_dir, ("val_loss", "train_loss", "params_pruned", "params_dense",
+                                      "distill_task", "distill_logits", "distill_hidden"))
+    if not hist["val_loss"]:
+        raise RuntimeError(f"no validation history in MLflow for {run_dir}: metric names changed?")
     val = hist["val_loss"]
     ready = hist["params_pruned"] or hist["params_dense"]  # logged when the model is ready to train
     counts = plan_counts(run_dir)
@@ -138,6 +168,8 @@ def _child(spec: dict, out: str, quick: bool, dense_root: str, extra: list[str],
               "wiki_val_loss": json.loads(wiki.read_text())["val_loss"] if wiki.is_file() else None,
               "max_steps": cfg.train.max_steps, "tokens_per_step": cfg.train.micro_batch_size * cfg.data.seq_len,
               "train_cfg": cfg.train.model_dump(), "calibration_batches": cfg.prune.calibration_batches,
+              "variant_overrides": VARIANTS.get(spec["criterion"], (None, []))[1],
+              "distill_history": {k: hist[f"distill_{k}"] for k in ("task", "logits", "hidden") if hist[f"distill_{k}"]},
               "finished_at": time.strftime("%Y-%m-%d %H:%M:%S")}
     Path(result_path).write_text(json.dumps(record))
 
@@ -149,7 +181,7 @@ def sweep(args) -> None:
     if missing:
         raise SystemExit(f"no trained dense model for seeds {missing} under {args.dense_root}: run benchmarks/quality.py first")
     done = {r["key"] for r in load_results(args.records)}
-    todo = [s for s in planned_runs(args.quick)
+    todo = [s for s in planned_runs(args.quick, args.kd)
             if (not args.criteria or s["criterion"] in args.criteria)
             and (s["criterion"] == "dense" or not args.ratios or s["ratio"] in args.ratios)
             and (args.seeds is None or s["seed"] in args.seeds) and run_key(**s) not in done]
@@ -158,8 +190,9 @@ def sweep(args) -> None:
         key = run_key(**spec)
         print(f"[{i}/{len(todo)}] {key} ...", flush=True)
         t0 = time.time()
+        experiment = f"earlycrop-transfer-kd{'-quick' if args.quick else ''}" if args.kd else None
         record = run_forked(out, args.records, key, _child, spec, str(out), args.quick, args.dense_root, args.set,
-                            failed_note="; not recorded, a rerun retries it")
+                            experiment, failed_note="; not recorded, a rerun retries it")
         if record is None:
             continue
         s = record["summary"]
@@ -322,6 +355,122 @@ def report(args) -> None:
     print(text)
 
 
+def _seed_std(values: list[float], fmt: str = "{:+.3f}") -> str:
+    return _ms(values, fmt) if values else "–"
+
+
+def kd_report(args) -> None:
+    """The `--kd` section: per seed and mean, the final news validation loss of dense / earlycrop / earlycrop+kd
+    at 50%, the paired differences, and the time each took."""
+    results = [r for r in load_results(args.records) if r.get("quick", False) == args.quick]
+    if not results:
+        raise SystemExit(f"no results in {args.records}")
+    by = {(r["criterion"], r["seed"]): r for r in results}
+    seeds = sorted({r["seed"] for r in results})
+    loss = lambda c, s: by[(c, s)]["summary"]["val_loss"]  # noqa: E731
+    r0 = results[0]
+    lines = [KD_SECTION, "",
+             "Issue 13, item 4. Command: `OMP_NUM_THREADS=1 python benchmarks/quality.py --criteria dense --seeds 0,1,2 "
+             "--records <scratch>` (the dense wiki models, `runs/quality/runs/dense-s{seed}/model`, 600 steps as in the "
+             "Transfer section), then `OMP_NUM_THREADS=1 python benchmarks/transfer_quality.py --kd [--seeds S]` and "
+             "`python benchmarks/transfer_quality.py --kd --report --extra benchmarks/records/transfer-kd.notes.md`" + (" (with `--quick`: smoke-run numbers, meaningless "
+             "as quality)" if args.quick else "") + ".",
+             f"Report written {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; records in `{shown(args.records, ROOT)}`, "
+             f"runs in `{shown(Path(args.out), ROOT)}`. Machine: {platform.processor() or platform.machine()}, 2 logical cores "
+             "shared with other jobs (a CI run), one run at a time, one torch thread; no GPU. Wall times: trust them to ±20%.",
+             "",
+             "Same scenario, split, budget and recipe as the Transfer section above (300 steps × 8 × 128 news tokens, lr 5e-4, "
+             "cosine; 50% of heads and MLP neurons removed, uniform per KV group, earlycrop scores from 4 news calibration "
+             "batches, prune_at 0), run anew here with the dense runs it is paired with. `earlycrop+kd` = the same cut, "
+             f"fine-tuned with `{' '.join(KD)}`: loss = task + KL(student ‖ teacher logits, temperature 2) + per-layer "
+             "hidden-state MSE, the teacher the dense wiki model as built (before the cut), frozen, float32, one extra "
+             "forward per step. `earlycrop+kd-news` (where it ran: an extra, not asked for) = the same with "
+             "`train.distill.teacher=` this sweep's dense run of the seed, i.e. the dense wiki model already fine-tuned on "
+             "news (a teacher better than the student on the target domain; it costs that dense fine-tuning first). "
+             "Validation loss = the news task loss (cross-entropy) on the same "
+             f"{min(r0['zero_shot']['val_blocks'] // 8, r0['train_cfg']['eval_batches']) * 8} validation blocks for every run.",
+             "",
+             ]
+    names = [c for c in KD_NAMES if any((c, s) in by for s in seeds)]
+    pairs = [(c, "dense") for c in names if c != "dense"] + [(c, "earlycrop") for c in names if c.startswith("earlycrop+")]
+    lines += ["| seed | " + " | ".join(f"{c} final val loss" for c in names) + " | "
+              + " | ".join(f"{a} − {b}" for a, b in pairs) + " | zero-shot dense / pruned |",
+              "|---|" + "---:|" * (len(names) + len(pairs)) + "---|"]
+    diffs = {p: [] for p in pairs}
+    for s in seeds:
+        cells = [f"{loss(c, s):.3f}" if (c, s) in by else "–" for c in names]
+        for a, b in pairs:
+            if (a, s) in by and (b, s) in by:
+                diffs[(a, b)].append(loss(a, s) - loss(b, s))
+                cells.append(f"{diffs[(a, b)][-1]:+.3f}")
+            else:
+                cells.append("–")
+        zs = " / ".join(f"{by[(c, s)]['zero_shot']['val_loss']:.3f}" for c in ("dense", "earlycrop") if (c, s) in by)
+        lines.append(f"| {s} | " + " | ".join(cells) + f" | {zs} |")
+    means = [_ms([loss(c, s) for s in seeds if (c, s) in by]) for c in names]
+    lines.append("| mean ± sd | " + " | ".join(means + [_seed_std(diffs[p]) for p in pairs]) + " | |")
+    lines += ["", "| variant | seeds | params | training s (mean) | wall s (mean) | tokens/s | last logged distill terms "
+              "(task / logits / hidden) |", "|---|---|---:|---:|---:|---:|---|"]
+    for c in names:
+        rs = [by[(c, s)] for s in seeds if (c, s) in by]
+        tps = statistics.mean(r["summary"]["steps"] * r["tokens_per_step"] / r["summary"]["time_train_s"] for r in rs)
+        dh = rs[0].get("distill_history") or {}
+        terms = " / ".join(f"{statistics.mean(r['distill_history'][k][-1][1] for r in rs):.3f}" if k in dh else "–"
+                           for k in ("task", "logits", "hidden")) if dh else "–"
+        lines.append(f"| {c} | {','.join(str(r['seed']) for r in rs)} | {statistics.mean(r['summary']['params_final'] for r in rs):,.0f} | "
+                     f"{statistics.mean(r['summary']['time_train_s'] for r in rs):.0f} | "
+                     f"{statistics.mean(r['wall_s'] for r in rs):.0f} | {tps:,.0f} | {terms} |")
+    steps = sorted({st for r in results for st, _, _ in r["val_history"]})
+    marks = [st for st in steps if st % 100 == 0] or steps
+    lines += ["", "Mean news validation loss along fine-tuning (step 0 = right after the cut, before any fine-tuning):", "",
+              "| variant | " + " | ".join(f"step {st}" for st in marks) + " |", "|---|" + "---:|" * len(marks)]
+    for c in names:
+        rs = [by[(c, s)] for s in seeds if (c, s) in by]
+        if rs:
+            cells = []
+            for st in marks:
+                v = [x for r in rs for s2, x, _ in r["val_history"] if s2 == st]
+                cells.append(f"{statistics.mean(v):.3f}" if v else "–")
+            lines.append(f"| {c} | " + " | ".join(cells) + " |")
+    done_at = sorted(r["finished_at"] for r in results)
+    lines += ["", f"Runs finished {done_at[0]} – {done_at[-1]} (machine local time, UTC).", ""]
+    lines += ["Training s = the pipeline's training stage (evaluations included; the teacher's forwards included for "
+              "the +kd variants). Wall s = the whole `run()` in the forked child (data, scoring, pruning, training, evaluations, "
+              "saving). Differences are paired by seed (same wiki model, same news split).", "",
+              "**What the numbers say.**", ""]
+    gap = diffs.get(("earlycrop", "dense"), [])
+    for c in names:
+        d = diffs.get((c, "earlycrop"), [])
+        if not d:
+            continue
+        m, sd = statistics.mean(d), (statistics.stdev(d) if len(d) > 1 else 0.0)
+        verdict = ("distillation helped" if m < 0 and (len(d) < 2 or abs(m) > sd)
+                   else "distillation HURT" if m > 0 and (len(d) < 2 or abs(m) > sd)
+                   else "no difference beyond seed noise")
+        line = (f"- {c} − earlycrop = {m:+.3f} ± {sd:.3f} (n={len(d)}; {c} lower in {sum(x < 0 for x in d)}/{len(d)} "
+                f"seeds): **{verdict}**.")
+        if gap and (c, "dense") in diffs and diffs[(c, "dense")]:
+            g, closed = statistics.mean(gap), statistics.mean(gap) - statistics.mean(diffs[(c, "dense")])
+            line += (f" Of earlycrop's {g:+.3f} gap to dense it closes {closed:+.3f}" + (f" ({closed / g:.0%})." if g > 0 else ".")
+                     if closed >= 0 else f" It widens earlycrop's {g:+.3f} gap to dense by {-closed:.3f}.")
+        lines.append(line)
+    if len(seeds) < 3:
+        lines.append(f"- Only seed(s) {', '.join(map(str, seeds))} ran (time box); the issue asked for 3.")
+    text = "\n".join(lines).rstrip() + "\n"
+    if args.extra:
+        text += "\n" + Path(args.extra).read_text().rstrip() + "\n"
+    results_path = Path(args.results)
+    if KD_SECTION not in results_path.read_text().splitlines():
+        # first time: right after the Transfer section (write_section would append at the end)
+        lines_all = results_path.read_text().splitlines()
+        start = lines_all.index(SECTION)
+        end = next((i for i in range(start + 1, len(lines_all)) if lines_all[i].startswith("## ")), len(lines_all))
+        lines_all[end:end] = [KD_SECTION, ""]
+        results_path.write_text("\n".join(lines_all) + "\n")
+    write_section(results_path, KD_SECTION, text)
+    print(text)
+
+
 def _plots(results: list[dict], dense: dict, plots: Path, quick: bool) -> list[Path]:
     import matplotlib
 
@@ -388,6 +537,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=None, help="sweep folder (default runs/transfer, or runs/transfer-quick with --quick)")
     ap.add_argument("--quick", action="store_true", help="smoke run: 3 runs of 30 steps")
+    ap.add_argument("--kd", action="store_true",
+                    help="issue 13: dense / earlycrop / earlycrop+kd at 50%% (own --out, records and RESULTS.md section)")
     ap.add_argument("--dense-root", default=str(DENSE_ROOT), help="folder holding dense-s{seed}/model (quality.py's dense runs)")
     ap.add_argument("--criteria", type=lambda s: s.split(","), default=None, help="comma list; 'dense' included")
     ap.add_argument("--ratios", type=lambda s: [float(x) for x in s.split(",")], default=None, help="0.5,0.7")
@@ -397,10 +548,10 @@ def main() -> None:
     add_report_args(ap, ROOT)
     args = ap.parse_args()
     if args.out is None:
-        args.out = str(ROOT / "runs" / ("transfer-quick" if args.quick else "transfer"))
-    args.records = default_records(args, ROOT, "transfer")
+        args.out = str(ROOT / "runs" / (("transfer-kd" if args.kd else "transfer") + ("-quick" if args.quick else "")))
+    args.records = default_records(args, ROOT, "transfer-kd" if args.kd else "transfer")
     if args.report:
-        report(args)
+        kd_report(args) if args.kd else report(args)
     else:
         sweep(args)
 
