@@ -679,3 +679,12 @@ def test_memory_and_budget_import_without_torch():
     code = ("import sys, earlycrop.memory, earlycrop.budget, earlycrop.plans; "
             "loaded = {'torch', 'transformers'} & set(sys.modules); assert not loaded, loaded")
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
+
+
+def test_the_scoring_model_knows_every_built_in_criterion():
+    """CRITERION_PASSES is written out because earlycrop.memory loads without torch (the criteria registry needs it):
+    a criterion registered in earlycrop.criteria without a memory model entry would make `plan --score` refuse it."""
+    from earlycrop.criteria import CRITERIA
+    from earlycrop.memory import CRITERION_PASSES
+
+    assert set(CRITERION_PASSES) == set(CRITERIA)
