@@ -59,6 +59,9 @@ VARIANTS: dict[str, list[str]] = {
     "earlycrop-global": ["prune.criterion=earlycrop", "prune.layout=global", "prune.objective=task"],
     "random-uniform": ["prune.criterion=random", "prune.layout=uniform"],
     "random-global": ["prune.criterion=random", "prune.layout=global"],
+    # the other gradient criteria, scored through the new (untrained) head on the task loss like earlycrop
+    "snip-uniform": ["prune.criterion=snip", "prune.layout=uniform", "prune.objective=task"],
+    "fisher-uniform": ["prune.criterion=fisher", "prune.layout=uniform", "prune.objective=task"],
     # distillation from the dense model (train.distill.*, train.recovery_steps: pipeline/finetune.py). The new head
     # is untrained in the teacher, so only the hidden-state term and the task loss apply (no logit KL).
     "magnitude-uniform+kd": ["prune.criterion=magnitude", "prune.layout=uniform", "train.distill.enabled=true",
@@ -100,6 +103,11 @@ VARIANTS: dict[str, list[str]] = {
                                   "prune.prune_at=20"],
     # the control: the same early cut scored by weight magnitude (the dense steps alone, without EarlyCroP's scores)
     "magnitude-uniform@early10": ["prune.criterion=magnitude", "prune.layout=uniform", "prune.prune_at=10"],
+    # every other criterion at the recipe's early cut (its head trained for 10 steps when the gradient ones score)
+    "snip-uniform@early10": ["prune.criterion=snip", "prune.layout=uniform", "prune.objective=task", "prune.prune_at=10"],
+    "fisher-uniform@early10": ["prune.criterion=fisher", "prune.layout=uniform", "prune.objective=task", "prune.prune_at=10"],
+    "activation-uniform@early10": ["prune.criterion=activation", "prune.layout=uniform", "prune.prune_at=10"],
+    "random-uniform@early10": ["prune.criterion=random", "prune.layout=uniform", "prune.prune_at=10"],
     # the early cut with distillation from the dense model as it is at the cut (its new head trained for 10 steps,
     # so the logit term applies): logit KL (T = 2) + layer-wise hidden MSE + task loss, from step 10 on
     "earlycrop-uniform@early10+kd": ["prune.criterion=earlycrop", "prune.layout=uniform", "prune.objective=task",
