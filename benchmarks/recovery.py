@@ -79,6 +79,10 @@ VARIANTS: dict[str, list[str]] = {
                                 "train.recovery_lr=1e-3"],
     "earlycrop-uniform+rec60": ["prune.criterion=earlycrop", "prune.layout=uniform", "prune.objective=task",
                                 "train.recovery_steps=60", "train.recovery_lr=1e-3"],
+    # the same recovery after the other criteria's cuts (issue 13: every criterion without and with recovery)
+    **{f"{c}-uniform+rec60": [f"prune.criterion={c}", "prune.layout=uniform", "train.recovery_steps=60", "train.recovery_lr=1e-3",
+                              *(["prune.objective=task"] if c in ("snip", "fisher") else [])]
+       for c in ("snip", "fisher", "activation", "random")},
     # task distillation: the same seed's dense fine-tuned model (the `dense` variant's saved model/) teaches
     # through its trained head (logit KL, T=2) beside the task loss
     "magnitude-uniform+kd-ft@lr1e-4": ["prune.criterion=magnitude", "prune.layout=uniform", "train.lr=1e-4",
