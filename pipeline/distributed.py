@@ -9,6 +9,7 @@ the same plan.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -113,29 +114,65 @@ def whole_parameters(accelerator: Accelerator):
         accelerator.state.deepspeed_plugin.set_deepspeed_weakref()
 
 
-def torch_optimizer(accelerator: Accelerator, optimizer, module: nn.Module, step: int, lr: float,
-                    weight_decay: float) -> torch.optim.Optimizer:
-    """The prepared optimizer as a plain torch optimizer whose state surgery can slice: the wrapped one
-    under DDP, or an AdamW holding the DeepSpeed engine's gathered fp32 weights and moments."""
-    if zero_stage(accelerator) is None:
-        return optimizer.optimizer
+def build_whole_from_now_on(accelerator: Accelerator) -> None:
+    """After training under ZeRO-3: transformers' global DeepSpeed config would build any model loaded from here on
+    (MLflow's model flavour loads the saved folder back on rank 0 alone) partitioned, a collective that the other
+    ranks never join; the run hung there. Unset it: nothing is partitioned after the final save."""
+    if zero_stage(accelerator) == 3:
+        from transformers.integrations import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
+
+
+def training_state(accelerator: Accelerator, optimizer, module: nn.Module, step: int, lr: float,
+                   weight_decay: float) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """The model to cut and a plain torch optimizer whose state surgery can slice: the prepared ones under DDP;
+    under DeepSpeed an AdamW holding the engine's gathered fp32 weights and moments, and under ZeRO-3 also a
+    whole copy of the partitioned model (its weights the fp32 masters, gathered one parameter at a time)."""
+    stage = zero_stage(accelerator)
+    if stage is None:
+        return module, optimizer.optimizer
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
-    adam = torch.optim.AdamW(module.parameters(), lr=lr, weight_decay=weight_decay)
-    for p in module.parameters():
-        master = safe_get_full_fp32_param(p)
-        if master is None:
+    whole = _whole_copy(module) if stage == 3 else module
+    adam = torch.optim.AdamW(whole.parameters(), lr=lr, weight_decay=weight_decay)
+    for (name, p), q in zip(module.named_parameters(), whole.parameters()):
+        master = safe_get_full_fp32_param(p)  # a collective under ZeRO-3: every rank gathers every parameter
+        if master is None:  # frozen: no master weights, no moments
+            if stage == 3:
+                _copy_gathered(p, q)
             continue
         state = {key: safe_get_full_optimizer_state(p, key) for key in ("exp_avg", "exp_avg_sq")}
         with torch.no_grad():
-            p.copy_(master.to(p.dtype))
-        adam.state[p] = {"step": torch.tensor(float(step)), "master": master.clone(),
-                         **{k: v.clone() for k, v in state.items() if v is not None}}
-    return adam
+            q.copy_(master.reshape(q.shape).to(q.dtype))
+        adam.state[q] = {"step": torch.tensor(float(step)), "master": master.reshape(q.shape).clone(),
+                         **{k: v.reshape(q.shape).clone() for k, v in state.items() if v is not None}}
+    return whole, adam
+
+
+def _whole_copy(module: nn.Module) -> nn.Module:
+    """An empty module of `module`'s class, config and dtype, built on the meta device then given storage (the
+    partitioned parameters of a ZeRO-3 model cannot be deep-copied whole); buffers are copied (never partitioned)."""
+    dtype = next(module.parameters()).dtype
+    with torch.device("meta"):
+        whole = type(module)(copy.deepcopy(module.config))
+    whole = whole.to(dtype).to_empty(device=next(module.parameters()).device)
+    whole.tie_weights()  # leaving the meta device makes new Parameters, so tied ones are tied again
+    with torch.no_grad():
+        for name, buffer in whole.named_buffers():
+            buffer.copy_(module.get_buffer(name))
+    return whole.train(module.training)
+
+
+def _copy_gathered(partitioned: nn.Parameter, target: torch.Tensor) -> None:
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters([partitioned]), torch.no_grad():
+        target.copy_(partitioned)
 
 
 def prepare_pruned(accelerator: Accelerator, module: nn.Module, optimizer: torch.optim.Optimizer):
-    """Wrap a model pruned mid-training and its sliced optimizer again (DDP or a new ZeRO-1/2 engine
+    """Wrap a model pruned mid-training and its sliced optimizer again (DDP or a new ZeRO engine
     that receives the sliced moments, so training continues without a restart)."""
     if zero_stage(accelerator) is None:
         return accelerator.prepare(module, optimizer)
@@ -146,20 +183,41 @@ def prepare_pruned(accelerator: Accelerator, module: nn.Module, optimizer: torch
 
 
 def _moments_into_deepspeed(engine, module: nn.Module, sliced: dict) -> None:
-    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+    """Fresh Adam state for the new engine's fp32 partitions, then each parameter's sliced master weights and
+    moments written in (whole under ZeRO-1/2; under ZeRO-3 each rank writes its own partition)."""
+    from deepspeed.utils import (safe_set_full_fp32_param, safe_set_full_optimizer_state, safe_set_local_fp32_param,
+                                 safe_set_local_optimizer_state)
 
     zero = engine.optimizer
-    base = zero.optimizer
-    for flat in zero.single_partition_of_fp32_groups:
-        step = next(iter(sliced.values()))["step"].clone() if sliced else torch.tensor(0.0)
-        base.state[flat] = {"step": step, "exp_avg": torch.zeros_like(flat), "exp_avg_sq": torch.zeros_like(flat)}
-    zero._lazy_init_hp_params_optimizer_state()
+    stage3 = hasattr(zero, "fp32_partitioned_groups_flat")
+    step = next(iter(sliced.values()))["step"].clone() if sliced else torch.tensor(0.0)
+    for flat in zero.fp32_partitioned_groups_flat if stage3 else zero.single_partition_of_fp32_groups:
+        zero.optimizer.state[flat] = {"step": step.clone(), "exp_avg": torch.zeros_like(flat),
+                                      "exp_avg_sq": torch.zeros_like(flat)}
+    if not stage3:
+        zero._lazy_init_hp_params_optimizer_state()
     for p in module.parameters():
-        if p in sliced and "master" in sliced[p]:
-            safe_set_full_fp32_param(p, sliced[p]["master"].to(p.device, torch.float32))
-        for key in ("exp_avg", "exp_avg_sq"):
-            if p in sliced and key in sliced[p]:
-                safe_set_full_optimizer_state(p, sliced[p][key].to(p.device, torch.float32), key)
+        for key, value in sliced.get(p, {}).items():
+            if key == "step":
+                continue
+            value = value.to(engine.device, torch.float32)
+            if stage3:
+                value = partition_of(p, value.reshape(-1))
+                safe_set_local_fp32_param(p, value) if key == "master" else safe_set_local_optimizer_state(p, value, key)
+            else:
+                safe_set_full_fp32_param(p, value) if key == "master" else safe_set_full_optimizer_state(p, value, key)
+
+
+def partition_of(p: nn.Parameter, flat: torch.Tensor) -> torch.Tensor:
+    """This rank's ZeRO-3 partition of the flattened whole tensor `flat` of `p`, in float32 (DeepSpeed pads the
+    last partition with zeros)."""
+    rank = world()[0]
+    part = p.ds_tensor.numel()
+    out = torch.zeros(part, dtype=torch.float32, device=flat.device)
+    start = rank * part
+    valid = max(0, min(part, p.ds_numel - start))
+    out[:valid] = flat[start:start + valid]
+    return out
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:

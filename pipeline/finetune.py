@@ -14,10 +14,11 @@ from earlycrop.distill import DistillWeights, Teacher, distillation_loss, hidden
 
 from . import data as data_lib
 from .config import RunConfig
-from .distributed import all_reduce_sum
+from .distributed import all_reduce_sum, zero_stage
 from .modeling import check_model_folder, new_parameter_names
 from .prepare import Prepared
 from .scoring import attaches_new_head
+from .sharded import partition_teacher
 from .outputs import TEACHER_AT_CUT
 from .train import BlockSampler
 
@@ -99,6 +100,22 @@ def distillation_span(cfg: RunConfig) -> Literal["no", "after_cut", "throughout"
     return "after_cut" if teacher_at_cut(cfg) else "throughout"
 
 
+def dense_teacher(cfg: RunConfig, accelerator: Accelerator, dense) -> Teacher:
+    """A frozen copy of the dense model as it is now (before the cut), placed like the student."""
+    return place_teacher(accelerator, Teacher.from_model(dense, teacher_dtype(cfg, dense)), cfg.train.micro_batch_size)
+
+
+def place_teacher(accelerator: Accelerator, teacher: Teacher, micro_batch_size: int) -> Teacher:
+    """On the student's device; under DeepSpeed ZeRO-3 partitioned over the ranks like the student."""
+    if zero_stage(accelerator) != 3:
+        return teacher.to(accelerator.device)
+    teacher = partition_teacher(teacher.to(accelerator.device), micro_batch_size)
+    held = sum(p.ds_tensor.numel() for p in teacher.model.parameters())
+    accelerator.print(f"teacher partitioned over {accelerator.num_processes} ranks (DeepSpeed ZeRO-3): rank 0 holds {held:,} "
+                      f"of its {sum(p.ds_numel for p in teacher.model.parameters()):,} parameters")
+    return teacher
+
+
 def snapshot_teacher(cfg: RunConfig, accelerator: Accelerator, dense, out: Path) -> Teacher:
     """The dense model just before a cut after step 0, frozen; rank 0 also saves it to `out/teacher_at_cut` so a
     run resumed after the cut rebuilds the same teacher (it is never in a checkpoint)."""
@@ -106,20 +123,20 @@ def snapshot_teacher(cfg: RunConfig, accelerator: Accelerator, dense, out: Path)
     if accelerator.is_main_process:
         earlycrop.save_pretrained(teacher.model, out / TEACHER_AT_CUT)
     accelerator.wait_for_everyone()
-    return teacher.to(accelerator.device)
+    return place_teacher(accelerator, teacher, cfg.train.micro_batch_size)
 
 
-def fine_tuning_teacher(cfg: RunConfig, student, device, out: Path, *, cut_made: bool) -> Teacher | None:
+def fine_tuning_teacher(cfg: RunConfig, student, accelerator: Accelerator, out: Path, *, cut_made: bool) -> Teacher | None:
     """The teacher known before training starts: a `train.distill.teacher` folder, or the dense model saved at
     the cut a resumed run already made; None otherwise (the dense model as built, or the one a later cut hands over)."""
     if cfg.train.distill.enabled and cfg.train.distill.teacher:
-        return load_teacher(cfg, student, device)
+        return load_teacher(cfg, student, accelerator)
     if teacher_at_cut(cfg) and cut_made:
-        return load_teacher(cfg, student, device, out / TEACHER_AT_CUT)
+        return load_teacher(cfg, student, accelerator, out / TEACHER_AT_CUT)
     return None
 
 
-def load_teacher(cfg: RunConfig, student, device, folder: str | Path | None = None) -> Teacher:
+def load_teacher(cfg: RunConfig, student, accelerator: Accelerator, folder: str | Path | None = None) -> Teacher:
     """A dense teacher folder (`train.distill.teacher`, or the saved teacher at the cut), checked to have the
     student's depth and outputs."""
     folder = folder or cfg.train.distill.teacher
@@ -128,7 +145,7 @@ def load_teacher(cfg: RunConfig, student, device, folder: str | Path | None = No
     if type(model) is not type(student) or model.config.num_hidden_layers != student.config.num_hidden_layers:
         raise ValueError(f"train.distill.teacher={folder} is a {type(model).__name__} with {model.config.num_hidden_layers} "
                          f"layers; the student is a {type(student).__name__} with {student.config.num_hidden_layers}")
-    return Teacher(model).to(device)
+    return place_teacher(accelerator, Teacher(model), cfg.train.micro_batch_size)
 
 
 def recovery_blocks(cfg: RunConfig, prepared: Prepared) -> dict[str, torch.Tensor]:

@@ -23,7 +23,7 @@ from earlycrop.schedule import WeightDistanceRule
 
 from . import scoring
 from .config import RunConfig
-from .distributed import check_same_on_all_ranks, prepare_pruned, torch_optimizer
+from .distributed import check_same_on_all_ranks, prepare_pruned, training_state
 from .finetune import snapshot_teacher, teacher_at_cut
 from .plots import plot_kept_units, plot_scores
 from .prepare import Prepared
@@ -149,13 +149,14 @@ class Pruner:
 
     def prune_in_training(self, model, optimizer, step: int) -> tuple[object, object, PruneEvent]:
         """Cut the prepared model at `step`; the Adam moments are sliced with it and handed to the re-prepared
-        model (under ZeRO-1/2 gathered from the engine first), so training continues without a restart."""
-        unwrapped = self.accelerator.unwrap_model(model)
+        model (under DeepSpeed gathered from the engine first), so training continues without a restart."""
+        # under ZeRO-3 the partitioned model is gathered whole (one parameter at a time) and scored like DDP's
+        unwrapped, raw = training_state(self.accelerator, optimizer, self.accelerator.unwrap_model(model), step,
+                                        self.cfg.train.lr, self.cfg.train.weight_decay)
+        self.accelerator.free_memory()  # the old engine (its partitions and buffers) goes before scoring
         scores, plan = self.score_and_plan(unwrapped)
-        raw = torch_optimizer(self.accelerator, optimizer, unwrapped, step, self.cfg.train.lr, self.cfg.train.weight_decay)
         report = target_report(self.cfg, self.accelerator, unwrapped, plan)
         teacher = snapshot_teacher(self.cfg, self.accelerator, unwrapped, self.out) if teacher_at_cut(self.cfg) else None
-        self.accelerator.free_memory()
         with self.timer("prune"):
             result = earlycrop.prune(unwrapped, plan, raw)
         model, optimizer = prepare_pruned(self.accelerator, unwrapped, raw)

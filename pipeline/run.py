@@ -27,8 +27,8 @@ from earlycrop.memory import ModelShape
 
 from .compute import phase_positions, training_flops
 from .config import RunConfig
-from .distributed import (describe_launch, describe_peak_memory, is_collective_timeout, make_accelerator, peak_memory_per_rank, quiet_expected_tied_weights, whole_parameters, zero_stage)
-from .finetune import distillation_span, fine_tuning_teacher, make_distiller, recover, recovery_blocks, teacher_at_cut, teacher_dtype, warm_up_new_head
+from .distributed import (build_whole_from_now_on, describe_launch, describe_peak_memory, is_collective_timeout, make_accelerator, peak_memory_per_rank, quiet_expected_tied_weights, whole_parameters, zero_stage)
+from .finetune import dense_teacher, distillation_span, fine_tuning_teacher, make_distiller, recover, recovery_blocks, teacher_at_cut, warm_up_new_head
 from .modeling import build_model, check_seq_len
 from .outputs import check_resume_identity, check_run_output_dir, read_identity, run_identity, write_identity
 from .plots import plot_run_losses
@@ -145,10 +145,11 @@ class Job:
         self.accelerator.wait_for_everyone()
 
     def check_engine(self) -> None:
-        """Pruning mid-training needs whole parameters (DDP) or ZeRO-1/2, whose moments are gathered and sliced."""
+        """Pruning mid-training needs DDP or ZeRO-1/2/3, whose weights and moments are gathered and sliced."""
         stage, prune_at = zero_stage(self.accelerator), self.cfg.prune.prune_at
-        if stage == 3 and prune_at not in (0, "never"):
-            raise ValueError("prune_at > 0 under DeepSpeed ZeRO-3 is not supported (parameters are partitioned): use prune_at: 0 or ZeRO-1/2")
+        if stage == 3 and prune_at == "auto":
+            raise ValueError("prune_at: auto under DeepSpeed ZeRO-3 is not supported (the weight-distance rule keeps whole "
+                             "weights on every rank): give the step (prune_at: N), or use ZeRO-1/2 or DDP")
         if stage == 0 and prune_at not in (0, "never"):
             raise ValueError("prune_at > 0 under DeepSpeed needs ZeRO stage 1 or 2 (or plain DDP); stage 0 is not supported")
 
@@ -211,9 +212,9 @@ class Job:
         The teacher is copied from the dense model first (it is rebuilt on resume, never checkpointed)."""
         cfg, d = self.cfg, self.cfg.train.distill
         if cfg.train.recovery_steps or (d.enabled and d.teacher is None and cfg.prune.prune_at == 0):
-            self.teacher = Teacher.from_model(self.model, teacher_dtype(cfg, self.model)).to(self.accelerator.device)
+            self.teacher = dense_teacher(cfg, self.accelerator, self.model)
         cut_made = self.checkpoint is not None and self.state.pruned_at is not None
-        self.distill_teacher = fine_tuning_teacher(cfg, self.model, self.accelerator.device, self.out, cut_made=cut_made) or self.teacher
+        self.distill_teacher = fine_tuning_teacher(cfg, self.model, self.accelerator, self.out, cut_made=cut_made) or self.teacher
         if cfg.prune.prune_at == "never":
             return
         # a resumed run reuses saved scores whose provenance matches (a cut before training is redone only
@@ -326,6 +327,7 @@ class Job:
         acc = self.accelerator
         with self.timer("save"):
             state_dict = acc.get_state_dict(self.model)
+            build_whole_from_now_on(acc)
             if acc.is_main_process:
                 final_dir = self.out / "model"
                 acc.unwrap_model(self.model).save_pretrained(final_dir, state_dict=state_dict)

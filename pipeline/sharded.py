@@ -36,6 +36,7 @@ from torch import nn
 import earlycrop
 from earlycrop.families import architecture_class
 from earlycrop.serialization import safetensors_files
+from earlycrop.distill import Teacher
 from earlycrop.criteria import (
     Batch,
     Criterion,
@@ -49,7 +50,7 @@ from earlycrop.criteria import (
 )
 
 from .data import shard_batches
-from .distributed import all_reduce_sum, world
+from .distributed import all_reduce_sum, partition_of, world
 
 GATE_CRITERIA = ("snip", "fisher", "activation", "random")
 
@@ -198,17 +199,6 @@ def _score(ctx: ScoringContext, criterion: Criterion) -> Scores:
     return criterion.score(ctx)
 
 
-def _partition_of(p: nn.Parameter, flat: torch.Tensor) -> torch.Tensor:
-    """This rank's partition of the flattened whole tensor `flat` of `p` (ZeRO-3 pads the last one with zeros)."""
-    rank = world()[0]
-    part = p.ds_tensor.numel()
-    out = torch.zeros(part, dtype=torch.float32, device=flat.device)
-    start = rank * part
-    valid = max(0, min(part, p.ds_numel - start))
-    out[:valid] = flat[start:start + valid]
-    return out
-
-
 def _local_gradient(ctx: ScoringContext, weights: list[nn.Parameter]) -> list[torch.Tensor]:
     """This rank's partition of g = Σ over all ranks' batches of ∇θ L, with no optimizer buffers: as each weight's
     gradient is accumulated (whole, while ZeRO-3 holds the weight gathered for backward), a hook sums it over the
@@ -218,7 +208,7 @@ def _local_gradient(ctx: ScoringContext, weights: list[nn.Parameter]) -> list[to
     index = {id(w): i for i, w in enumerate(weights)}
 
     def keep_partition(p: nn.Parameter) -> None:
-        g[index[id(p)]].add_(_partition_of(p, all_reduce_sum(p.grad.reshape(-1).float())))
+        g[index[id(p)]].add_(partition_of(p, all_reduce_sum(p.grad.reshape(-1).float())))
         p.grad = None
 
     frozen = [p for p in ctx.model.parameters() if p.requires_grad and id(p) not in index]
@@ -347,3 +337,32 @@ def consolidate_pruned(model: nn.Module, plan: earlycrop.Plan, target: nn.Module
     with torch.no_grad():
         for name, buffer in target.named_buffers():  # not partitioned: every rank holds them whole
             buffer.copy_(model.get_buffer(name))
+
+
+class PartitionedTeacher(Teacher):
+    """A teacher that DeepSpeed ZeRO-3 partitions over the ranks like the student: each forward gathers a
+    module's parameters and releases them after, so no rank holds the dense teacher whole while training."""
+
+    def __init__(self, engine) -> None:
+        super().__init__(engine.module)
+        self.engine = engine  # the engine owns the gather/release hooks
+
+    def to(self, device: torch.device | str) -> Teacher:
+        return self  # DeepSpeed placed the partitions
+
+
+def partition_teacher(teacher: Teacher, micro_batch_size: int) -> PartitionedTeacher:
+    """`teacher` in a DeepSpeed engine with no optimizer (the way TRL holds a reference model under ZeRO-3): its
+    parameters are partitioned now and only gathered, one module at a time, for its forwards. Every rank must
+    run the same teacher forwards (each one is a collective), as every rank runs the same training steps."""
+    import deepspeed
+
+    dtype = next(teacher.model.parameters()).dtype
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"DeepSpeed ZeRO-3 partitions only float32, bfloat16 and float16 parameters, not a {dtype} "
+                         "teacher: set train.distill.teacher_dtype")
+    config = {**zero3_config(micro_batch_size), "bf16": {"enabled": dtype == torch.bfloat16},
+              "fp16": {"enabled": dtype == torch.float16}}
+    engine, *_ = deepspeed.initialize(model=teacher.model, config=config)
+    return PartitionedTeacher(engine)
+

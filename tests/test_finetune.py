@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -156,3 +157,20 @@ def test_two_ranks_recover_like_one_process(tmp_path):
     first = json.loads((one / "summary.json").read_text())
     second = json.loads((two / "summary.json").read_text())
     assert second["time_recovery_s"] > 0 and abs(first["val_loss"] - second["val_loss"]) < 1e-6
+
+
+@pytest.mark.slow
+def test_zero3_distils_from_a_partitioned_teacher_like_ddp(tmp_path):
+    """Cut at step 2 under ZeRO-3: the dense model is gathered, cut, and its copy becomes the teacher, partitioned
+    over the ranks like the student (rank 0 holds half of it); the distilled run ends where the DDP run ends."""
+    common = [*EARLY, "train.recovery_steps=0"]
+    ddp, zero3 = tmp_path / "ddp", tmp_path / "zero3"
+    launching.accelerate("launch/accelerate/cpu_2proc.yaml", "-m", "launch.cli", "run", CONFIG, f"output_dir={ddp}", *common)
+    out = launching.accelerate("launch/accelerate/cpu_2proc_zero3.yaml", "-m", "launch.cli", "run", CONFIG,
+                               f"output_dir={zero3}", *common).stdout
+    held, total = (int(n.replace(",", "")) for n in re.search(r"rank 0 holds ([\d,]+) of its ([\d,]+) parameters", out).groups())
+    assert total > 0 and held <= total / 2 + 64, "each rank holds its partition of the teacher, not the whole"
+    first, second = (json.loads((d / "summary.json").read_text()) for d in (ddp, zero3))
+    assert second["pruned_at"] == first["pruned_at"] == 2
+    assert second["val_loss"] == pytest.approx(first["val_loss"], rel=1e-4)
+

@@ -108,8 +108,9 @@ def test_deepspeed_zero3_prunes_before_partitioning(tmp_path, zero2_run):
     assert summary(out)["val_loss"] == pytest.approx(summary(zero2_run)["val_loss"], rel=1e-4)
     assert earlycrop.from_pretrained(out / "model").config.num_attention_heads == 2
     refused = launching.accelerate("launch/accelerate/cpu_2proc_zero3.yaml", "-m", "launch.cli", "run", CONFIG,
-                                   f"output_dir={tmp_path / 'refused'}", "prune.prune_at=4", "tracking=false", check=False)
-    assert refused.returncode != 0 and "ZeRO-3 is not supported" in refused.stderr
+                                   f"output_dir={tmp_path / 'refused'}", "prune.prune_at=auto", "prune.auto_cap=8",
+                                   "tracking=false", check=False)
+    assert refused.returncode != 0 and "prune_at: auto under DeepSpeed ZeRO-3 is not supported" in refused.stderr
 
 
 @pytest.mark.slow
@@ -164,6 +165,22 @@ def test_prune_mid_training_under_zero2_matches_ddp(tmp_path, pruned_mid_ddp):
     ds, ddp = summary(out), summary(pruned_mid_ddp)
     assert ds["pruned_at"] == 6 and ds["params_final"] == ddp["params_final"]
     assert ds["val_loss"] == pytest.approx(ddp["val_loss"], rel=1e-4)
+
+
+@pytest.mark.slow
+def test_prune_mid_training_under_zero3_matches_ddp(tmp_path, pruned_mid_ddp):
+    """ZeRO-3 gathers the partitioned model whole one parameter at a time, with its fp32 weights and moments;
+    the cut model is partitioned again with each rank's share of the sliced moments: the DDP run's losses."""
+    out = tmp_path / "mid_zero3"
+    launching.accelerate("launch/accelerate/cpu_2proc_zero3.yaml", "-m", "launch.cli", "run", CONFIG,
+                         f"output_dir={out}", *MID_TRAINING)
+    ds, ddp = summary(out), summary(pruned_mid_ddp)
+    assert ds["pruned_at"] == 6 and ds["params_final"] == ddp["params_final"]
+    assert ds["val_loss"] == pytest.approx(ddp["val_loss"], rel=1e-4)
+    losses = [{m.step: m.value for m in client.get_metric_history(run.info.run_id, "train/loss")}
+              for client, run in (mlflow_run(out), mlflow_run(pruned_mid_ddp))]
+    assert [losses[0][s] for s in range(7, 17)] == pytest.approx([losses[1][s] for s in range(7, 17)], rel=1e-4)
+    assert earlycrop.from_pretrained(out / "model").config.num_attention_heads == 2
 
 
 def _run_cmd(out: Path, *extra: str) -> list[str]:
