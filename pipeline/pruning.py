@@ -23,10 +23,11 @@ from earlycrop.schedule import WeightDistanceRule
 
 from . import scoring
 from .config import RunConfig
-from .distributed import check_same_on_all_ranks, prepare_pruned, training_state
+from .distributed import check_same_on_all_ranks, prepare_pruned, training_state, zero_stage
 from .finetune import snapshot_teacher, teacher_at_cut
 from .plots import plot_kept_units, plot_scores
 from .prepare import Prepared
+from .sharded import PartitionedRule
 from .target import fit_target, measured_tokens_per_s, target_report
 from .timing import StageTimer
 from .tracking import ONE_OFF_STEP
@@ -63,7 +64,8 @@ class Pruner:
         p = cfg.prune
         self.scoring = scoring.for_run(cfg)
         # S = the fraction of parameters the plan removes; checkpointed so --resume keeps w_1 and the trace
-        self.rule = WeightDistanceRule(p.auto_interval, p.auto_cap, min(sparsity, 0.99)) if p.prune_at == "auto" else None
+        rule = PartitionedRule if zero_stage(accelerator) == 3 else WeightDistanceRule
+        self.rule = rule(p.auto_interval, p.auto_cap, min(sparsity, 0.99)) if p.prune_at == "auto" else None
         self.plan: earlycrop.Plan | None = None  # the cut made (or replayed on resume)
 
     @property
@@ -77,7 +79,10 @@ class Pruner:
         if self.rule is None:
             return step == self.cfg.prune.prune_at
         # d_e over all weights, as the paper's rule (docs/DESIGN.md §2), not only the prunable ones
-        return step > 0 and self.rule.observe(step, list(self.accelerator.unwrap_model(model).parameters()))
+        weights = list(self.accelerator.unwrap_model(model).parameters())
+        if isinstance(self.rule, PartitionedRule):
+            return step > 0 and self.rule.observe_partitioned(step, weights)
+        return step > 0 and self.rule.observe(step, weights)
 
     def rule_metrics(self, step: int) -> dict[str, float]:
         """The `auto` rule's latest weight distance, once per interval, for the training log."""
@@ -157,6 +162,8 @@ class Pruner:
         scores, plan = self.score_and_plan(unwrapped)
         report = target_report(self.cfg, self.accelerator, unwrapped, plan)
         teacher = snapshot_teacher(self.cfg, self.accelerator, unwrapped, self.out) if teacher_at_cut(self.cfg) else None
+        if isinstance(self.rule, PartitionedRule):
+            self.rule.finish()
         with self.timer("prune"):
             result = earlycrop.prune(unwrapped, plan, raw)
         model, optimizer = prepare_pruned(self.accelerator, unwrapped, raw)

@@ -147,11 +147,8 @@ class Job:
     def check_engine(self) -> None:
         """Pruning mid-training needs DDP or ZeRO-1/2/3, whose weights and moments are gathered and sliced."""
         stage, prune_at = zero_stage(self.accelerator), self.cfg.prune.prune_at
-        if stage == 3 and prune_at == "auto":
-            raise ValueError("prune_at: auto under DeepSpeed ZeRO-3 is not supported (the weight-distance rule keeps whole "
-                             "weights on every rank): give the step (prune_at: N), or use ZeRO-1/2 or DDP")
         if stage == 0 and prune_at not in (0, "never"):
-            raise ValueError("prune_at > 0 under DeepSpeed needs ZeRO stage 1 or 2 (or plain DDP); stage 0 is not supported")
+            raise ValueError("prune_at > 0 under DeepSpeed needs ZeRO stage 1, 2 or 3 (or plain DDP); stage 0 is not supported")
 
     def dry_run(self) -> float:
         """The plan on placeholder scores: impossible ratios or budgets fail before any scoring; returns the

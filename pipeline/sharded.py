@@ -37,6 +37,7 @@ import earlycrop
 from earlycrop.families import architecture_class
 from earlycrop.serialization import safetensors_files
 from earlycrop.distill import Teacher
+from earlycrop.schedule import WeightDistanceRule
 from earlycrop.criteria import (
     Batch,
     Criterion,
@@ -365,4 +366,46 @@ def partition_teacher(teacher: Teacher, micro_batch_size: int) -> PartitionedTea
               "fp16": {"enabled": dtype == torch.float16}}
     engine, *_ = deepspeed.initialize(model=teacher.model, config=config)
     return PartitionedTeacher(engine)
+
+
+class PartitionedRule(WeightDistanceRule):
+    """The `auto` rule over a ZeRO-3 model: each rank keeps w_1 of its own partitions and the distances are summed
+    over the ranks. A checkpoint holds w_1 whole (gathered when Accelerate asks every rank for the state; rank 0
+    writes it), and a resumed rank takes its own partition back at its next observation."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.params: list[nn.Parameter] | None = None
+        self.whole_w1: list[torch.Tensor] | None = None  # loaded from a checkpoint, not yet partitioned
+
+    def observe_partitioned(self, step: int, params: list[nn.Parameter]) -> bool:
+        if self.whole_w1 is not None:
+            self.w1 = [partition_of(p, w.reshape(-1).float()) for p, w in zip(params, self.whole_w1)]
+            self.whole_w1 = None
+        self.params = params
+        return self.observe(step, [p.ds_tensor for p in params], reduce=all_reduce_sum)
+
+    def finish(self) -> None:
+        """After the cut: the dense partitions are no longer needed (nor held alive by this rule)."""
+        self.params, self.w1, self.whole_w1 = None, None, None
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        if self.w1 is None or self.params is None:
+            return {**state, "w1": list(self.whole_w1 or [])}
+        return {**state, "w1": [_gather_whole(p, w) for p, w in zip(self.params, self.w1)]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.trace = [(int(s), float(d)) for s, d in state["trace"]]
+        self.w1, self.whole_w1 = None, list(state["w1"]) or None
+
+
+def _gather_whole(p: nn.Parameter, part: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of `p`'s shape from every rank's partition `part` (a collective)."""
+    import torch.distributed as dist
+
+    part = part.to(p.ds_tensor.device)  # NCCL gathers on the GPU; w_1 itself stays on the CPU
+    parts = [torch.zeros_like(part) for _ in range(world()[1])]
+    dist.all_gather(parts, part.contiguous())
+    return torch.cat(parts)[:p.ds_numel].reshape(p.ds_shape).cpu()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -107,10 +108,6 @@ def test_deepspeed_zero3_prunes_before_partitioning(tmp_path, zero2_run):
                          f"output_dir={out}", "train.log_every=1", "tracking=false")
     assert summary(out)["val_loss"] == pytest.approx(summary(zero2_run)["val_loss"], rel=1e-4)
     assert earlycrop.from_pretrained(out / "model").config.num_attention_heads == 2
-    refused = launching.accelerate("launch/accelerate/cpu_2proc_zero3.yaml", "-m", "launch.cli", "run", CONFIG,
-                                   f"output_dir={tmp_path / 'refused'}", "prune.prune_at=auto", "prune.auto_cap=8",
-                                   "tracking=false", check=False)
-    assert refused.returncode != 0 and "prune_at: auto under DeepSpeed ZeRO-3 is not supported" in refused.stderr
 
 
 @pytest.mark.slow
@@ -181,6 +178,28 @@ def test_prune_mid_training_under_zero3_matches_ddp(tmp_path, pruned_mid_ddp):
               for client, run in (mlflow_run(out), mlflow_run(pruned_mid_ddp))]
     assert [losses[0][s] for s in range(7, 17)] == pytest.approx([losses[1][s] for s in range(7, 17)], rel=1e-4)
     assert earlycrop.from_pretrained(out / "model").config.num_attention_heads == 2
+
+
+AUTO = ("prune.prune_at=auto", "prune.auto_interval=2", "prune.auto_cap=10", "train.max_steps=14", "train.eval_every=100",
+        "train.checkpoint_every=4", "tracking=false")
+
+
+@pytest.mark.slow
+def test_auto_under_zero3_cuts_where_ddp_does_and_resumes(tmp_path):
+    """The weight-distance rule over ZeRO-3 partitions (distances summed over the ranks) fires at DDP's step; a run
+    resumed from a checkpoint taken before the cut (w_1 saved whole, each rank taking its partition back) too."""
+    ddp, zero3 = tmp_path / "ddp", tmp_path / "zero3"
+    launching.accelerate("launch/accelerate/cpu_2proc.yaml", "-m", "launch.cli", "run", CONFIG, f"output_dir={ddp}", *AUTO)
+    launching.accelerate("launch/accelerate/cpu_2proc_zero3.yaml", "-m", "launch.cli", "run", CONFIG, f"output_dir={zero3}", *AUTO)
+    first, second = summary(ddp), summary(zero3)
+    assert 4 < second["pruned_at"] == first["pruned_at"] and second["val_loss"] == pytest.approx(first["val_loss"], rel=1e-4)
+    for later in sorted((zero3 / "checkpoints").glob("step_*"))[1:]:  # as if killed after the step-4 checkpoint
+        shutil.rmtree(later)
+    (zero3 / "model").rename(zero3 / "model.first")
+    launching.accelerate("launch/accelerate/cpu_2proc_zero3.yaml", "-m", "launch.cli", "run", CONFIG, f"output_dir={zero3}",
+                         *AUTO, "--resume")
+    assert summary(zero3)["pruned_at"] == first["pruned_at"]
+    assert summary(zero3)["val_loss"] == pytest.approx(first["val_loss"], rel=1e-4)
 
 
 def _run_cmd(out: Path, *extra: str) -> list[str]:
