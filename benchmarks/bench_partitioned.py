@@ -5,11 +5,16 @@
 - `zero3`: 2 ranks under `accelerate launch --config_file launch/accelerate/cpu_2proc_zero3.yaml`, the model partitioned
   while it loads, scored on the partitions and cut block by block (pipeline/sharded.py).
 
+Each case also runs as `<case>+mmap`, with glibc's malloc told to hand freed blocks of 64 KiB or more back to the OS
+(`MALLOC_MMAP_THRESHOLD_=65536 MALLOC_TRIM_THRESHOLD_=0`), which separates the tensors a rank holds from the heap
+memory that earlier, freed tensors left resident (ratios of `+mmap` rows are against `one+mmap`).
+
 Every case runs in a fresh process tree; its figures: wall and CPU seconds (all processes), the scoring peak per
 rank that the command prints, and the largest process's peak RSS over the whole command (loading, scoring, surgery,
 saving: `RUSAGE_CHILDREN` max RSS). Scores are compared with the one-process run's (max |Δ| / the layer's largest).
 
     python benchmarks/bench_partitioned.py --sizes 300m,1.1b            # appends to benchmarks/records/partitioned.jsonl
+    python benchmarks/bench_partitioned.py --sizes 300m,1.1b --cases one+mmap,zero3+mmap
     python benchmarks/bench_partitioned.py --report                     # the RESULTS.md section from the records
     python benchmarks/bench_partitioned.py --sizes tiny --out /tmp/bp   # smoke check (records under --out)
 
@@ -44,7 +49,11 @@ SHAPES = {
     "1.1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4),
 }
 VOCAB = 32000
-CASES = ("one", "ddp", "zero3")
+CASES = ("one", "ddp", "zero3", "one+mmap", "ddp+mmap", "zero3+mmap")
+# `+mmap`: glibc's malloc returns every freed block of 64 KiB or more to the OS at once (its default raises the
+# mmap threshold as large blocks are freed, after which they come from the heap and stay resident when freed): the
+# peak RSS then follows the live tensors instead of what the heap kept from earlier gathers and buffers
+MMAP_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
 PRUNE = ["--data", "gensim:lee", "--criterion", "earlycrop", "--hvp", "finite_difference", "--heads", "0.5", "--mlp", "0.5",
          "--layout", "uniform", "--batches", "2", "--batch-size", "1", "--seq-len", "256", "--overwrite"]
 PEAKS = re.compile(r"^peak memory per rank: (.*)$", re.M)
@@ -75,6 +84,7 @@ def model_folder(out: Path, size: str) -> Path:
 
 def command(case: str, folder: Path, out: Path) -> list[str]:
     prune = ["-m", "launch.cli", "prune", "--model", str(folder), *PRUNE, "--out", str(out)]
+    case = case.removesuffix("+mmap")
     if case == "one":
         return [sys.executable, *prune]
     if case == "ddp":
@@ -94,7 +104,7 @@ def score_error(a: Path, b: Path) -> float:
 def run_case(size: str, case: str, out: Path) -> dict:
     folder = model_folder(out, size)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+           "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", **(MMAP_ENV if case.endswith("+mmap") else {})}
     measured = subprocess.run([sys.executable, "-c", MEASURE, *command(case, folder, out / size / case)],
                               cwd=ROOT, env=env, capture_output=True, text=True, check=True)
     result = json.loads(measured.stdout)
@@ -103,7 +113,7 @@ def run_case(size: str, case: str, out: Path) -> dict:
     peaks = PEAKS.findall(result.pop("stdout"))
     result.pop("stderr")
     result["scoring_peak_gb_per_rank"] = [float(gb) for gb in re.findall(r"\d+: (\d+\.\d+) GB", peaks[-1])]
-    one = out / size / "one"
+    one = out / size / "one"  # the plain one-process run: `one+mmap` scores the same
     result["score_error_vs_one"] = score_error(out / size / case, one) if (one / "scores.safetensors").exists() else None
     import torch
 
@@ -139,11 +149,11 @@ def _rows(records: list[dict]) -> list[str]:
     by = {(r["size"], r["case"]): r for r in records}
     rows = []
     for (size, case), r in by.items():
-        one = by.get((size, "one"))
+        one = by.get((size, "one+mmap" if case.endswith("+mmap") else "one"))
         ratio = f"{r['max_rss_bytes'] / one['max_rss_bytes']:.2f}×" if one else "–"
         scoring = max(r["scoring_peak_gb_per_rank"])
         scoring_ratio = f"{scoring / max(one['scoring_peak_gb_per_rank']):.2f}×" if one else "–"
-        err = "–" if case == "one" or r["score_error_vs_one"] is None else f"{r['score_error_vs_one']:.1e}"
+        err = "–" if case.startswith("one") or r["score_error_vs_one"] is None else f"{r['score_error_vs_one']:.1e}"
         time_ratio = f"{r['wall_s'] / one['wall_s']:.2f}×" if one else "–"
         rows.append(f"| {size} ({r['parameters'] / 1e6:,.0f}M, {r['weight_bytes'] / 1e9:.2f} GB) | {case} | "
                     f"{len(r['scoring_peak_gb_per_rank'])} | {r['wall_s']:.0f} ({time_ratio}) | {r['cpu_s']:.0f} | "
