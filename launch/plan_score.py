@@ -81,7 +81,7 @@ def run_score_plan(args: argparse.Namespace, budget, headroom: float, shape) -> 
     print("per rank: the tensors scoring holds at its peak; the headroom covers the CUDA context and communication "
           "buffers")
     if any(engine == "zero3" for engine, _, _ in estimated):
-        _print_zero3_excess(shape, base, n, usable)
+        _print_zero3_note()
     if estimated:
         _print_command(args, [(engine, ranks) for engine, ranks, fits in estimated if fits], base)
     return 0
@@ -111,18 +111,11 @@ def _print_rows(shape, engines: list[tuple[str, int]], base: dict, batches: int,
     return estimated
 
 
-def _print_zero3_excess(shape, base: dict, n: int, usable: float) -> None:
-    """What ZeRO-3 ranks were measured to hold beyond the estimate, as a second answer: on CPU (2 ranks) 1.3× the
-    weights at 300M and 0.46× at 1.1B that no modelled term explains (benchmarks/records/partitioned.notes.md),
-    taken as one more model's weights per rank."""
-    from earlycrop.memory import ScoringSetup, estimate_scoring_memory, format_bytes
-
-    setup = ScoringSetup(**base, engine="zero3", num_gpus=n)
-    excess = shape.num_params() * setup.weight_bytes
-    need = estimate_scoring_memory(shape, setup).total + excess
-    print(f"ZeRO-3 ranks measured more than these terms on CPU (0.5-1.3x the model's weights), cause not found "
-          f"(benchmarks/RESULTS.md, 'Scoring with partitioned parameters'); with one more model's weights "
-          f"({format_bytes(excess)}) a rank needs {format_bytes(need)}: {'fits' if need <= usable else 'does not fit'}")
+def _print_zero3_note() -> None:
+    """What the estimate leaves out on CPU ranks (benchmarks/records/partitioned.notes.md, the `+mmap` rows)."""
+    print("on CPU ranks glibc keeps the freed ZeRO-3 gather buffers resident (measured 0.5-1.3x the weights beyond "
+          "these terms); with MALLOC_MMAP_THRESHOLD_=65536 MALLOC_TRIM_THRESHOLD_=0 ranks measured within 1.5% of "
+          "them (benchmarks/RESULTS.md, 'Scoring with partitioned parameters')")
 
 
 def _check_batches(engine: str, ranks: int, batches: int) -> None:
