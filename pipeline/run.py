@@ -289,7 +289,7 @@ class Job:
         self.tracker.log_metrics(final, step=self.state.step)
         unwrapped = self.accelerator.unwrap_model(self.model)
         summary = {**final, **{f"{k}_at_start": v for k, v in self.start_metrics.items()},
-                   "params_dense": self.dense_params, "params_final": sum(p.numel() for p in unwrapped.parameters()),
+                   "params_dense": self.dense_params, "params_final": sum(getattr(p, "ds_numel", p.numel()) for p in unwrapped.parameters()),
                    "steps": self.state.step, "pruned_at": self.state.pruned_at, "finished": self.state.step >= self.cfg.train.max_steps,
                    **{f"time_{k}_s": v for k, v in self.timer.seconds.items()}, **self.flops()}
         if torch.cuda.is_available():

@@ -107,7 +107,10 @@ def test_deepspeed_zero3_prunes_before_partitioning(tmp_path, zero2_run):
     launching.accelerate("launch/accelerate/cpu_2proc_zero3.yaml", "-m", "launch.cli", "run", CONFIG,
                          f"output_dir={out}", "train.log_every=1", "tracking=false")
     assert summary(out)["val_loss"] == pytest.approx(summary(zero2_run)["val_loss"], rel=1e-4)
-    assert earlycrop.from_pretrained(out / "model").config.num_attention_heads == 2
+    saved = earlycrop.from_pretrained(out / "model")
+    assert saved.config.num_attention_heads == 2
+    # counted whole, not as this rank's partitions
+    assert summary(out)["params_final"] == summary(zero2_run)["params_final"] == sum(p.numel() for p in saved.parameters())
 
 
 @pytest.mark.slow

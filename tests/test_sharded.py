@@ -214,3 +214,22 @@ def test_prune_refuses_float64_scoring_under_zero3(tmp_path, model_folder, monke
     assert main(["prune", "--model", str(model_folder), *ARGS, "--score-dtype", "float64", "--out", str(tmp_path / "o")]) != 0
     assert "--score-dtype float64 cannot be partitioned" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_a_model_pruned_under_zero3_trains_partitioned(tmp_path):
+    """The two-step path for a dense model no rank can hold: `earlycrop prune` under ZeRO-3, then `earlycrop run`
+    under ZeRO-3 on what it saved (never pruned again); the partitioned pruned model learns."""
+    tokenizer = data_lib.train_tokenizer(list(data_lib.load_documents("gensim:lee")["text"]), 300)
+    _saved_with_tokenizer(tmp_path / "model", "llama", tokenizer)
+    launching.accelerate("launch/accelerate/cpu_2proc_zero3.yaml", "-m", "launch.cli", "prune", "--model", str(tmp_path / "model"),
+                         "--data", "gensim:lee", "--heads", "0.5", "--mlp", "0.5", "--batches", "2", "--batch-size", "2",
+                         "--seq-len", "16", "--criterion", "earlycrop", "--hvp", "finite_difference", "--out", str(tmp_path / "pruned"))
+    out = tmp_path / "run"
+    launching.accelerate("launch/accelerate/cpu_2proc_zero3.yaml", "-m", "launch.cli", "run", "configs/ci_tiny.yaml",
+                         f"output_dir={out}", f"model.name_or_path={tmp_path / 'pruned'}", "model.family=null",
+                         "prune.prune_at=never", "train.max_steps=8", "tracking=false")
+    result = json.loads((out / "summary.json").read_text())
+    pruned = sum(p.numel() for p in earlycrop.from_pretrained(tmp_path / "pruned").parameters())
+    assert result["params_dense"] == result["params_final"] == pruned
+    assert result["val_loss"] < result["val_loss_at_start"]
