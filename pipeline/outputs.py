@@ -19,6 +19,7 @@ import json
 import os
 import re
 import shutil
+import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -252,3 +253,12 @@ def own_checkpoints(root: Path, identity: dict[str, str], prefix: str) -> list[P
         if saved is not None and saved.get("fingerprint") == identity.get("fingerprint"):
             own.append(path)
     return sorted(own, key=step)
+
+
+def git_revision() -> str:
+    """The commit this code runs from (tracked with every run), or "unknown" outside a git checkout."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).parent)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"

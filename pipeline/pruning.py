@@ -21,13 +21,13 @@ from earlycrop.criteria import Scores
 from earlycrop.distill import Teacher
 from earlycrop.schedule import WeightDistanceRule
 
-from . import scoring
+from . import dense_partitioned, scoring
 from .config import RunConfig
 from .distributed import check_same_on_all_ranks, prepare_pruned, training_state, zero_stage
 from .finetune import snapshot_teacher, teacher_at_cut
 from .plots import plot_kept_units, plot_scores
 from .prepare import Prepared
-from .sharded import PartitionedRule
+from .sharded import PartitionedRule, full_shapes
 from .target import fit_target, measured_tokens_per_s, target_report
 from .timing import StageTimer
 from .tracking import ONE_OFF_STEP
@@ -90,13 +90,15 @@ class Pruner:
             return {}
         return {"auto_weight_distance": self.rule.trace[-1][1]}
 
-    def score_and_plan(self, model) -> tuple[Scores, earlycrop.Plan]:
-        """Scores over all ranks' shards (or the saved ones when resuming), then the plan every rank agrees on."""
+    def score_and_plan(self, model, engine=None) -> tuple[Scores, earlycrop.Plan]:
+        """Scores over all ranks' shards (or the saved ones when resuming), then the plan every rank agrees on;
+        `engine`: the ZeRO-3 engine of a partitioned `model`, scored on its partitions."""
         with self.timer("score"):
-            scores = self._scores(model)
+            scores = self._scores(model, engine)
         meta = {"criterion": self.scoring.criterion, "objective": self.scoring.objective}
         if self.cfg.target is None:
-            plan = earlycrop.make_plan(model, scores, self.cfg.prune.selection(), meta=meta)
+            with full_shapes(model):
+                plan = earlycrop.make_plan(model, scores, self.cfg.prune.selection(), meta=meta)
         else:
             fitted = fit_target(self.cfg, self.accelerator, model, scores)
             plan = fitted.plan
@@ -119,13 +121,17 @@ class Pruner:
                 "calibration_batch_size": str(cfg.prune.calibration_batch_size), "seq_len": str(cfg.data.seq_len),
                 "objective": self.scoring.objective, "head_warmup_steps": str(cfg.train.head_warmup_steps)}
 
-    def _scores(self, model) -> Scores:
+    def _scores(self, model, engine=None) -> Scores:
         path, provenance = self.out / SCORES_FILE, self._provenance()
         if self.reuse_scores and path.is_file() and scores_metadata(path) == provenance:
             self.accelerator.print(f"reusing scores from {path}")
             return Scores.from_tensors(load_file(path))
-        scores = scoring.score(model, self.scoring, self.prepared.calibration, pretraining=self._pretraining_scorer,
-                               progress=self.accelerator.is_main_process)
+        main = self.accelerator.is_main_process
+        if engine is not None:
+            scores = dense_partitioned.score(engine, self.cfg, self.prepared.calibration, progress=main)
+        else:
+            scores = scoring.score(model, self.scoring, self.prepared.calibration, pretraining=self._pretraining_scorer,
+                                   progress=main)
         if self.accelerator.is_main_process:
             tmp = path.with_suffix(".tmp")
             save_file(scores.to_tensors(), tmp, metadata=provenance)
@@ -137,8 +143,14 @@ class Pruner:
         self.accelerator.print(f"scoring through the checkpoint's pre-training head ({type(scorer).__name__})")
         return scorer, batches
 
-    def prune_before_training(self, model) -> PruneEvent:
-        """CroP-S: score the model as built, cut it, and measure the speed-up when a budget was asked for."""
+    def prune_before_training(self, model, engine=None) -> tuple[object, PruneEvent]:
+        """CroP-S: score the model as built, cut it, and measure the speed-up when a budget was asked for. Under
+        ZeRO-3 `engine` holds the dense model partitioned: scored there and cut into a new, smaller model."""
+        if engine is not None:
+            scores, plan = self.score_and_plan(engine.module, engine)
+            with self.timer("prune"):
+                pruned, result = dense_partitioned.cut(engine, plan, self.accelerator.device)
+            return pruned, PruneEvent(0, scores, plan, result)
         model.to(self.accelerator.device)  # score on the GPU when there is one
         scores, plan = self.score_and_plan(model)
         report = target_report(self.cfg, self.accelerator, model, plan)
@@ -150,7 +162,7 @@ class Pruner:
             speeds = {"dense": dense_speed, "pruned": measured_tokens_per_s(model, self.prepared.calibration[0])}
             self.accelerator.print("forward+backward tokens/s: " + ", ".join(
                 f"{k} {v:,.0f}" if v else f"{k} does not fit" for k, v in speeds.items()))
-        return PruneEvent(0, scores, plan, result, report, speeds)
+        return model, PruneEvent(0, scores, plan, result, report, speeds)
 
     def prune_in_training(self, model, optimizer, step: int) -> tuple[object, object, PruneEvent]:
         """Cut the prepared model at `step`; the Adam moments are sliced with it and handed to the re-prepared
@@ -169,10 +181,14 @@ class Pruner:
         model, optimizer = prepare_pruned(self.accelerator, unwrapped, raw)
         return model, optimizer, PruneEvent(step, scores, plan, result, report, teacher=teacher)
 
-    def reapply(self, model) -> None:
-        """A resumed run whose checkpoint holds the pruned shape: rebuild that shape, load_state fills the weights."""
+    def reapply(self, model, engine=None):
+        """A resumed run whose checkpoint holds the pruned shape: rebuild that shape (from the partitioned dense
+        model under ZeRO-3), load_state fills the weights."""
         self.plan = earlycrop.Plan.load(self.out / PLAN_FILE)
+        if engine is not None:
+            return dense_partitioned.skeleton(engine, self.plan, self.accelerator.device)
         earlycrop.prune(model, self.plan)
+        return model
 
 
 def log_event(tracker, event: PruneEvent, out: Path, rule: WeightDistanceRule | None = None) -> None:

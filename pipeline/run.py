@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import resource
 import signal
-import subprocess
 from datetime import timedelta
 from functools import partial
 from pathlib import Path
@@ -27,28 +26,22 @@ from earlycrop.memory import ModelShape
 
 from .compute import phase_positions, training_flops
 from .config import RunConfig
+from .dense_partitioned import load_dense
 from .distributed import (build_whole_from_now_on, describe_launch, describe_peak_memory, is_collective_timeout, make_accelerator, peak_memory_per_rank, quiet_expected_tied_weights, whole_parameters, zero_stage)
 from .finetune import dense_teacher, distillation_span, fine_tuning_teacher, make_distiller, recover, recovery_blocks, teacher_at_cut, warm_up_new_head
 from .modeling import build_model, check_seq_len
-from .outputs import check_resume_identity, check_run_output_dir, read_identity, run_identity, write_identity
+from .outputs import check_resume_identity, check_run_output_dir, git_revision, read_identity, run_identity, write_identity
 from .plots import plot_run_losses
 from .prepare import check_labels, check_tokenizer, prepare_data
 from .pruning import PLAN_FILE, SCORES_FILE, Pruner, log_event
 from .scoring import placeholder_plan, scoring_criterion
+from .sharded import PartitionedTeacher, full_shapes
 from .target import fit_target
 from .timing import StageTimer
 from .tracking import ONE_OFF_STEP, create_tracker, default_run_name, end_stale_run, flatten_config, run_info
 from .train import BlockSampler, DeferredSigterm, Loop, TrainerState, evaluate, latest_checkpoint, load_trainer_state, train
 
 __all__ = ["PLAN_FILE", "SCORES_FILE", "Job", "run"]
-
-
-def git_revision() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).parent)
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 class Job:
@@ -114,16 +107,18 @@ class Job:
         with self.timer("data"):
             self.prepared = prepare_data(cfg, self.accelerator)
         tok = self.prepared.tokenizer
+        self.dense_engine = load_dense(cfg, self.accelerator)  # ZeRO-3: partitioned as it loads, where the run allows
         with whole_parameters(self.accelerator):
-            self.model = build_model(cfg.model, len(tok), tok.pad_token_id, cfg.seed, eos_token_id=tok.eos_token_id,
-                                     bos_token_id=tok.bos_token_id)
-        check_tokenizer(self.model, tok)
-        check_labels(self.model, self.prepared)
-        quiet_expected_tied_weights(self.model)
-        self.accelerator.print(f"earlycrop run: {describe_launch(self.accelerator, next(self.model.parameters()).dtype)}")
-        self.dense_params = sum(p.numel() for p in self.model.parameters())
-        self.dense_shape = ModelShape.from_model(self.model)
-        self.sparsity = self.dry_run()
+            self.model = self.dense_engine.module if self.dense_engine else build_model(
+                cfg.model, len(tok), tok.pad_token_id, cfg.seed, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
+        with full_shapes(self.model):  # a partitioned model shows its whole shapes to the checks
+            check_tokenizer(self.model, tok)
+            check_labels(self.model, self.prepared)
+            quiet_expected_tied_weights(self.model)
+            self.accelerator.print(f"earlycrop run: {describe_launch(self.accelerator, next(self.model.parameters()).dtype)}")
+            self.dense_params = sum(p.numel() for p in self.model.parameters())
+            self.dense_shape = ModelShape.from_model(self.model)
+            self.sparsity = self.dry_run()
         self.tracker = self.open_tracker()
 
     def claim_output_dir(self) -> None:
@@ -205,23 +200,32 @@ class Job:
                 warm_up_new_head(self.cfg, self.accelerator, self.model, self.prepared, self.tracker)
 
     def prune_before_training(self) -> None:
-        """Make the pruner; cut now when prune_at is 0, or rebuild the pruned shape a checkpoint holds.
-        The teacher is copied from the dense model first (it is rebuilt on resume, never checkpointed)."""
+        """Make the pruner; cut now when prune_at is 0, or rebuild the pruned shape a checkpoint holds. The teacher
+        is the dense model as built: copied first, or under ZeRO-3 the partitioned one itself, once it is scored
+        (a teacher is frozen). It is rebuilt on resume, never checkpointed."""
         cfg, d = self.cfg, self.cfg.train.distill
-        if cfg.train.recovery_steps or (d.enabled and d.teacher is None and cfg.prune.prune_at == 0):
+        wants_teacher = cfg.train.recovery_steps or (d.enabled and d.teacher is None and cfg.prune.prune_at == 0)
+        if wants_teacher and self.dense_engine is None:
             self.teacher = dense_teacher(cfg, self.accelerator, self.model)
         cut_made = self.checkpoint is not None and self.state.pruned_at is not None
-        self.distill_teacher = fine_tuning_teacher(cfg, self.model, self.accelerator, self.out, cut_made=cut_made) or self.teacher
-        if cfg.prune.prune_at == "never":
-            return
+        self.distill_teacher = fine_tuning_teacher(cfg, self.model, self.accelerator, self.out, cut_made=cut_made)
+        if cfg.prune.prune_at != "never":
+            self.cut_before_training()
+        if wants_teacher and self.dense_engine is not None:
+            self.teacher = PartitionedTeacher(self.dense_engine)
+        self.distill_teacher = self.distill_teacher or self.teacher
+        self.dense_engine = None  # a partitioned teacher keeps its own reference
+
+    def cut_before_training(self) -> None:
         # a resumed run reuses saved scores whose provenance matches (a cut before training is redone only
         # when no checkpoint holds it; a later cut replays weights the resumed run reproduces exactly)
+        cfg = self.cfg
         reuse = self.resume and (self.checkpoint is None or cfg.prune.prune_at != 0)
         self.pruner = Pruner(cfg, self.accelerator, self.prepared, self.out, self.timer, sparsity=self.sparsity, reuse_scores=reuse)
         if self.checkpoint is not None and self.state.pruned_at is not None:
-            self.pruner.reapply(self.model)
+            self.model = self.pruner.reapply(self.model, self.dense_engine)
         elif cfg.prune.prune_at == 0:
-            event = self.pruner.prune_before_training(self.model)
+            self.model, event = self.pruner.prune_before_training(self.model, self.dense_engine)
             self.state.pruned_at = 0
             log_event(self.tracker, event, self.out)
             self.accelerator.print(f"pruned before training: {self.dense_params:,} → {event.result.params_after:,} parameters")

@@ -67,7 +67,7 @@ def zero3_config(micro_batch_size: int = 1, **zero_optimization) -> dict:
 
 
 def load_partitioned(folder: str | Path, config: dict | None = None, *, dtype: torch.dtype | None = None,
-                     model_class=None):
+                     model_class=None, attn_implementation: str = "eager"):
     """The DeepSpeed engine holding the model saved in `folder`, partitioned while it is built and loaded (call
     under a launcher, after `deepspeed.init_distributed`): each rank reads only its own partitions from the files."""
     import deepspeed
@@ -80,7 +80,7 @@ def load_partitioned(folder: str | Path, config: dict | None = None, *, dtype: t
     if config.get("zero_optimization", {}).get("stage") != 3:
         raise ValueError("load_partitioned needs a ZeRO stage 3 config (zero_optimization.stage = 3)")
     model_config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
-    model_config._attn_implementation = "eager"  # scoring's backward must not use fused kernels' approximations
+    model_config._attn_implementation = attn_implementation  # eager for `earlycrop prune`: no fused kernels' approximations
     # zero.Init partitions every parameter as its module is created: no rank ever builds the model whole. The
     # dtype goes through the config's bf16/fp16 sections, never `dtype=`: DeepSpeed 0.19.8 reads an explicit
     # dtype as `dtype or fp16 if the accelerator has fp16 else bf16`, so a CPU without fp16 got bfloat16 for float32

@@ -102,10 +102,12 @@ def test_deepspeed_zero2_two_ranks_trains(zero2_run):
 
 @pytest.mark.slow
 def test_deepspeed_zero3_prunes_before_partitioning(tmp_path, zero2_run):
-    """ZeRO-3 builds the model whole, scores and prunes it, then partitions it: same run as ZeRO-2."""
+    """A model built from scratch has no folder to load partitions from: ZeRO-3 builds it whole, says so, scores
+    and prunes it, then partitions it: same run as ZeRO-2."""
     out = tmp_path / "zero3"
-    launching.accelerate("launch/accelerate/cpu_2proc_zero3.yaml", "-m", "launch.cli", "run", CONFIG,
-                         f"output_dir={out}", "train.log_every=1", "tracking=false")
+    stdout = launching.accelerate("launch/accelerate/cpu_2proc_zero3.yaml", "-m", "launch.cli", "run", CONFIG,
+                                  f"output_dir={out}", "train.log_every=1", "tracking=false").stdout
+    assert "built whole on every rank to be scored: the model is built from scratch" in stdout
     assert summary(out)["val_loss"] == pytest.approx(summary(zero2_run)["val_loss"], rel=1e-4)
     saved = earlycrop.from_pretrained(out / "model")
     assert saved.config.num_attention_heads == 2

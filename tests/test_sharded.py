@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import resource
+import shutil
 
 import pytest
 import torch
@@ -233,3 +234,32 @@ def test_a_model_pruned_under_zero3_trains_partitioned(tmp_path):
     pruned = sum(p.numel() for p in earlycrop.from_pretrained(tmp_path / "pruned").parameters())
     assert result["params_dense"] == result["params_final"] == pruned
     assert result["val_loss"] < result["val_loss_at_start"]
+
+
+@pytest.mark.slow
+def test_run_under_zero3_scores_and_cuts_the_dense_model_partitioned(tmp_path):
+    """`earlycrop run` under ZeRO-3, cut before training: the dense model loads partitioned, is scored on its
+    partitions, cut block by block, and stays partitioned as the teacher of recovery and distillation. The run
+    ends where the same run under ZeRO-2 (dense model whole on every rank) ends, also when resumed."""
+    tokenizer = data_lib.train_tokenizer(list(data_lib.load_documents("gensim:lee")["text"]), 300)
+    _saved_with_tokenizer(tmp_path / "model", "llama", tokenizer)
+    common = [f"model.name_or_path={tmp_path / 'model'}", "model.family=null", "prune.hvp=finite_difference",
+              "train.max_steps=8", "train.checkpoint_every=4", "train.recovery_steps=2", "train.distill.enabled=true",
+              "train.distill.hidden=1.0", "tracking=false"]
+    whole, parts = tmp_path / "zero2", tmp_path / "zero3"
+    launching.accelerate("launch/accelerate/cpu_2proc_zero2.yaml", "-m", "launch.cli", "run", "configs/ci_tiny.yaml",
+                         f"output_dir={whole}", *common)
+    out = launching.accelerate("launch/accelerate/cpu_2proc_zero3.yaml", "-m", "launch.cli", "run", "configs/ci_tiny.yaml",
+                               f"output_dir={parts}", *common).stdout
+    assert "the dense model is partitioned over the 2 ranks as it loads" in out
+    assert json.loads((parts / "plan.json").read_text()) == json.loads((whole / "plan.json").read_text())
+    expected = json.loads((whole / "summary.json").read_text())
+    result = json.loads((parts / "summary.json").read_text())
+    assert result["params_dense"] == expected["params_dense"] and result["params_final"] == expected["params_final"]
+    assert result["val_loss"] == pytest.approx(expected["val_loss"], rel=1e-4)
+    for later in sorted((parts / "checkpoints").glob("step_*"))[1:]:  # as if killed after the step-4 checkpoint
+        shutil.rmtree(later)
+    (parts / "model").rename(parts / "model.first")
+    launching.accelerate("launch/accelerate/cpu_2proc_zero3.yaml", "-m", "launch.cli", "run", "configs/ci_tiny.yaml",
+                         f"output_dir={parts}", *common, "--resume")
+    assert json.loads((parts / "summary.json").read_text())["val_loss"] == pytest.approx(expected["val_loss"], rel=1e-4)
