@@ -1,9 +1,10 @@
 """Scoring a model that DeepSpeed ZeRO-3 keeps partitioned: no rank ever holds it whole (docs/DESIGN.md §8).
 
-The model is created partitioned (transformers' ZeRO-3 integration splits each parameter over the ranks as it
-is loaded) inside a DeepSpeed engine with no optimizer, which only gathers and releases the parameters around
-each module's forward and backward (no fp32 master copy, no gradient buffers). First-order criteria then score it with the parameters partitioned, exactly as one
-process scores the whole model over all the batches (docs/DESIGN.md §4):
+The model is created partitioned (built under `deepspeed.zero.Init`, each rank reading only its partitions from the
+safetensors files) inside a DeepSpeed engine with no optimizer, which only gathers and releases the parameters
+around each module's forward and backward (no fp32 master copy, no gradient buffers). First-order criteria then
+score it with the parameters partitioned, exactly as one process scores the whole model over all the batches
+(docs/DESIGN.md §4):
 
 - gate criteria (`snip`, `fisher`, `activation`, and `random`): the gates are small replicated tensors outside
   the engine; forward/backward through the partitioned model gives this rank's gate gradients, all-reduced;
@@ -21,6 +22,9 @@ Surgery: rank 0 builds the pruned model on the meta device (`earlycrop.prune` se
 gives it storage; `consolidate_pruned` then gathers the dense model one block at a time, cuts the block's kept
 slices as `earlycrop.prune` would, copies them in and releases the block. No rank ever holds the dense model:
 rank 0 peaks at the pruned model plus one dense block.
+
+Training under ZeRO-3 also uses this module: `PartitionedTeacher` (a distillation teacher partitioned like the
+student) and `PartitionedRule` (the `auto` rule on each rank's partitions).
 """
 
 from __future__ import annotations
@@ -34,10 +38,6 @@ import torch
 from torch import nn
 
 import earlycrop
-from earlycrop.families import architecture_class
-from earlycrop.serialization import safetensors_files
-from earlycrop.distill import Teacher
-from earlycrop.schedule import WeightDistanceRule
 from earlycrop.criteria import (
     Batch,
     Criterion,
@@ -49,6 +49,10 @@ from earlycrop.criteria import (
     finite_difference_product,
     finite_difference_step,
 )
+from earlycrop.distill import Teacher
+from earlycrop.families import architecture_class
+from earlycrop.schedule import WeightDistanceRule
+from earlycrop.serialization import safetensors_files
 
 from .data import shard_batches
 from .distributed import all_reduce_sum, partition_of, world
