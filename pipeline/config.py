@@ -6,8 +6,9 @@ Validated before any heavy work; unknown keys and wrong types are errors that na
 from __future__ import annotations
 
 import difflib
+import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -15,6 +16,9 @@ from pydantic_core import PydanticCustomError
 
 import earlycrop
 from earlycrop.budget import DEFAULT_HEADROOM
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 
 class _Strict(BaseModel):
@@ -278,8 +282,6 @@ class RunConfig(_Strict):
                 "lower prune.prune_at (0 prunes before training) or raise train.max_steps"
             )
         if self.model.family is not None:  # a model folder's limit is in its config.json, checked when it is loaded
-            from .modeling import check_seq_len  # modeling imports this module
-
             check_seq_len(earlycrop.FAMILIES[self.model.family].config_class(**self.model.init), self.data.seq_len, "data.seq_len")
         return self
 
@@ -396,3 +398,31 @@ def validation_message(err: ValidationError, flags: bool = False) -> str:
             msg = e["msg"].removeprefix("Value error, ")
             parts.append(msg if key in msg or e["type"] == "value_error" else f"{name}: {msg}")
     return "; ".join(parts)
+
+
+def read_config_json(path: Path) -> dict:
+    """config.json as a dict, read here so a broken file is named before transformers reports it deep in a load."""
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"'{path}' is not a valid JSON file ({exc}); re-save it with save_pretrained") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"'{path}' is not a valid JSON file (not an object); re-save it with save_pretrained")
+    return config
+
+
+def check_seq_len(config_or_folder: str | Path | dict | PretrainedConfig, seq_len: int, key: str) -> None:
+    """Refuse a sequence length past the model's position limit: GPT-2 would crash mid-scoring with an
+    IndexError and RoPE models would run silently outside the lengths they were trained on."""
+    folder = isinstance(config_or_folder, (str, Path))
+    if folder and not (Path(config_or_folder) / "config.json").is_file():
+        return  # not a model folder: check_model_folder says what is missing
+    if folder:
+        config = read_config_json(Path(config_or_folder) / "config.json")
+    else:
+        config = config_or_folder if isinstance(config_or_folder, dict) else config_or_folder.to_dict()
+    name = next((k for k in ("n_positions", "max_position_embeddings") if isinstance(config.get(k), int)), None)
+    if name is not None and seq_len > config[name]:
+        where, fix = (f" in {Path(config_or_folder) / 'config.json'}", "") if folder else ("", f" or raise {name}")
+        raise ValueError(f"{key}={seq_len} is above the model's position limit ({name}={config[name]}{where}); "
+                         f"lower {key} to at most {config[name]}{fix}")

@@ -12,13 +12,12 @@ from transformers import (
     AutoModelForMaskedLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
-    PretrainedConfig,
     PreTrainedModel,
 )
 
 import earlycrop
 
-from .config import ModelConfig
+from .config import ModelConfig, read_config_json
 
 # family name → the config class it is built from scratch with, read live from the adapter registry
 CONFIG_TYPES = earlycrop.families.CONFIG_CLASSES
@@ -38,20 +37,9 @@ def check_model_folder(path: str) -> None:
         raise FileNotFoundError(f"model folder {folder} has no config.json: save the model with save_pretrained")
     if not any(folder.glob("*.safetensors")):
         raise FileNotFoundError(f"model folder {folder} has no *.safetensors weights (only safetensors are loaded)")
-    _check_architectures(folder / "config.json", _read_config_json(folder / "config.json"))
+    _check_architectures(folder / "config.json", read_config_json(folder / "config.json"))
     for file in sorted(folder.glob("*.safetensors")):
         _check_safetensors_header(file)
-
-
-def _read_config_json(path: Path) -> dict:
-    """config.json as a dict, read here so a broken file is named before transformers reports it deep in a load."""
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"'{path}' is not a valid JSON file ({exc}); re-save it with save_pretrained") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"'{path}' is not a valid JSON file (not an object); re-save it with save_pretrained")
-    return config
 
 
 @functools.cache
@@ -91,23 +79,6 @@ def _check_safetensors_header(file: Path) -> None:
     ends = [v["data_offsets"][1] for v in tensors if isinstance(v, dict) and len(v.get("data_offsets") or ()) == 2]
     if len(ends) != len(tensors) or 8 + length + max(ends, default=0) != size:
         raise ValueError(f"{file} is truncated or not a safetensors file: re-save the model")
-
-
-def check_seq_len(config_or_folder: str | Path | dict | PretrainedConfig, seq_len: int, key: str) -> None:
-    """Refuse a sequence length past the model's position limit: GPT-2 would crash mid-scoring with an
-    IndexError and RoPE models would run silently outside the lengths they were trained on."""
-    folder = isinstance(config_or_folder, (str, Path))
-    if folder and not (Path(config_or_folder) / "config.json").is_file():
-        return  # not a model folder: check_model_folder says what is missing
-    if folder:
-        config = _read_config_json(Path(config_or_folder) / "config.json")
-    else:
-        config = config_or_folder if isinstance(config_or_folder, dict) else config_or_folder.to_dict()
-    name = next((k for k in ("n_positions", "max_position_embeddings") if isinstance(config.get(k), int)), None)
-    if name is not None and seq_len > config[name]:
-        where, fix = (f" in {Path(config_or_folder) / 'config.json'}", "") if folder else ("", f" or raise {name}")
-        raise ValueError(f"{key}={seq_len} is above the model's position limit ({name}={config[name]}{where}); "
-                         f"lower {key} to at most {config[name]}{fix}")
 
 
 def build_model(cfg: ModelConfig, vocab_size: int, pad_token_id: int | None, seed: int, *,

@@ -19,7 +19,7 @@ from earlycrop.families import architecture_class
 
 from . import data as data_lib
 from . import scoring
-from .config import PruneCommandConfig
+from .config import PruneCommandConfig, check_seq_len
 from .distributed import (
     check_same_on_all_ranks,
     describe_peak_memory,
@@ -28,7 +28,7 @@ from .distributed import (
     peak_memory_per_rank,
     world,
 )
-from .modeling import check_model_folder, check_seq_len, load_model_tokenizer
+from .modeling import check_model_folder, load_model_tokenizer
 from .outputs import check_prune_out, disk_errors, staged_folder
 from .sharded import consolidate_pruned, full_shapes, load_partitioned, pruned_skeleton, score_partitioned, zero3_config
 

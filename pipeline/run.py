@@ -25,11 +25,11 @@ from earlycrop.distill import Teacher
 from earlycrop.memory import ModelShape
 
 from .compute import phase_positions, training_flops
-from .config import RunConfig
+from .config import RunConfig, check_seq_len
 from .dense_partitioned import load_dense
 from .distributed import (build_whole_from_now_on, describe_launch, describe_peak_memory, is_collective_timeout, make_accelerator, peak_memory_per_rank, quiet_expected_tied_weights, whole_parameters, zero_stage)
 from .finetune import dense_teacher, distillation_span, fine_tuning_teacher, make_distiller, recover, recovery_blocks, teacher_at_cut, warm_up_new_head
-from .modeling import build_model, check_seq_len
+from .modeling import build_model
 from .outputs import check_resume_identity, check_run_output_dir, git_revision, read_identity, run_identity, write_identity
 from .plots import plot_run_losses
 from .prepare import check_labels, check_tokenizer, prepare_data
