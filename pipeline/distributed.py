@@ -128,13 +128,14 @@ def training_state(accelerator: Accelerator, optimizer, module: nn.Module, step:
                    weight_decay: float) -> tuple[nn.Module, torch.optim.Optimizer]:
     """The model to cut and a plain torch optimizer whose state surgery can slice: the prepared ones under DDP;
     under DeepSpeed an AdamW holding the engine's gathered fp32 weights and moments, and under ZeRO-3 also a
-    whole copy of the partitioned model (its weights the fp32 masters, gathered one parameter at a time)."""
+    whole copy of the partitioned model (its weights the fp32 masters cast to the model's dtype, gathered one
+    parameter at a time; the masters themselves are in the AdamW state, which surgery slices)."""
     stage = zero_stage(accelerator)
     if stage is None:
         return module, optimizer.optimizer
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
-    whole = _whole_copy(module) if stage == 3 else module
+    whole = empty_copy(module) if stage == 3 else module
     adam = torch.optim.AdamW(whole.parameters(), lr=lr, weight_decay=weight_decay)
     for (name, p), q in zip(module.named_parameters(), whole.parameters()):
         master = safe_get_full_fp32_param(p)  # a collective under ZeRO-3: every rank gathers every parameter
@@ -150,18 +151,42 @@ def training_state(accelerator: Accelerator, optimizer, module: nn.Module, step:
     return whole, adam
 
 
-def _whole_copy(module: nn.Module) -> nn.Module:
-    """An empty module of `module`'s class, config and dtype, built on the meta device then given storage (the
-    partitioned parameters of a ZeRO-3 model cannot be deep-copied whole); buffers are copied (never partitioned)."""
-    dtype = next(module.parameters()).dtype
+def empty_copy(module: nn.Module, plan: earlycrop.Plan | None = None, *, dtype: torch.dtype | None = None,
+               device: torch.device | str | None = None) -> nn.Module:
+    """A model of `module`'s class, config and layout (cut to `plan` when given) with uninitialised parameters:
+    built on the meta device, so a dense shape is never allocated, and usable for ZeRO-3-partitioned modules, which
+    cannot be deep-copied whole. Buffers (never partitioned) are copied with their own dtype (the float32 RoPE
+    frequencies of a bfloat16 model stay float32), and each parameter keeps `requires_grad`."""
+    from earlycrop.surgery import LAYOUT_KEY, shape_plan
+
     with torch.device("meta"):
-        whole = type(module)(copy.deepcopy(module.config))
-    whole = whole.to(dtype).to_empty(device=next(module.parameters()).device)
-    whole.tie_weights()  # leaving the meta device makes new Parameters, so tied ones are tied again
-    with torch.no_grad():
-        for name, buffer in whole.named_buffers():
-            buffer.copy_(module.get_buffer(name))
-    return whole.train(module.training)
+        empty = type(module)(copy.deepcopy(module.config))
+    if not earlycrop.plain_loadable(module.config):  # a per-layer layout: rebuilt as earlycrop.from_pretrained does
+        earlycrop.prune(empty, shape_plan(empty, getattr(module.config, LAYOUT_KEY)))
+    if plan is not None:
+        earlycrop.prune(empty, plan)
+    empty = empty.to(dtype or next(module.parameters()).dtype).to_empty(device=device or next(module.parameters()).device)
+    empty.tie_weights()  # leaving the meta device makes new Parameters, so tied ones are tied again
+    for name, buffer in module.named_buffers():
+        owner, _, leaf = name.rpartition(".")
+        setattr(empty.get_submodule(owner), leaf, buffer.detach().clone().to(empty.device))
+    for source, param in zip(module.parameters(), empty.parameters()):
+        param.requires_grad_(source.requires_grad)
+    return empty.train(module.training)
+
+
+def release_zero3(engine) -> None:
+    """Free a ZeRO-3 engine that is done with (the training engine a cut replaced, a dense model only scored).
+    DeepSpeed keeps every ZeRO-3 engine's root module in a global list (`parameter_offload.FWD_MODULE_STACK`)
+    and each parameter points back at its optimizer, so dropping the engine alone frees neither its partitions
+    nor its fp32 weights and moments."""
+    from deepspeed.runtime.zero import parameter_offload
+
+    engine.destroy()
+    parameter_offload.FWD_MODULE_STACK[:] = [m for m in parameter_offload.FWD_MODULE_STACK if m is not engine.module]
+    for p in engine.module.parameters():
+        if hasattr(p, "_z3_optimizer"):
+            del p._z3_optimizer
 
 
 def _copy_gathered(partitioned: nn.Parameter, target: torch.Tensor) -> None:
@@ -209,15 +234,19 @@ def _moments_into_deepspeed(engine, module: nn.Module, sliced: dict) -> None:
 
 
 def partition_of(p: nn.Parameter, flat: torch.Tensor) -> torch.Tensor:
-    """This rank's ZeRO-3 partition of the flattened whole tensor `flat` of `p`, in float32 (DeepSpeed pads the
-    last partition with zeros)."""
-    rank = world()[0]
-    part = p.ds_tensor.numel()
+    """This rank's ZeRO-3 partition of the flattened whole tensor `flat` of `p`, in float32, padded with zeros to
+    the partition size (DeepSpeed's own padding of the last partition is uninitialised memory)."""
+    part, valid = p.ds_tensor.numel(), valid_numel(p)
     out = torch.zeros(part, dtype=torch.float32, device=flat.device)
-    start = rank * part
-    valid = max(0, min(part, p.ds_numel - start))
+    start = world()[0] * part
     out[:valid] = flat[start:start + valid]
     return out
+
+
+def valid_numel(p: nn.Parameter) -> int:
+    """How many entries of this rank's ZeRO-3 partition of `p` are real (the last rank's is padded)."""
+    part = p.ds_tensor.numel()
+    return max(0, min(part, p.ds_numel - world()[0] * part))
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:

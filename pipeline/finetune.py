@@ -14,11 +14,11 @@ from earlycrop.distill import DistillWeights, Teacher, distillation_loss, hidden
 
 from . import data as data_lib
 from .config import RunConfig
-from .distributed import all_reduce_sum, zero_stage
+from .distributed import all_reduce_sum, release_zero3, zero_stage
 from .modeling import check_model_folder, new_parameter_names
 from .prepare import Prepared
 from .scoring import attaches_new_head
-from .sharded import partition_teacher
+from .sharded import PartitionedTeacher, partition_teacher
 from .outputs import TEACHER_AT_CUT
 from .train import BlockSampler
 
@@ -114,6 +114,18 @@ def place_teacher(accelerator: Accelerator, teacher: Teacher, micro_batch_size: 
     accelerator.print(f"teacher partitioned over {accelerator.num_processes} ranks (DeepSpeed ZeRO-3): rank 0 holds {held:,} "
                       f"of its {sum(p.ds_numel for p in teacher.model.parameters()):,} parameters")
     return teacher
+
+
+def partitioned_dense_teacher(cfg: RunConfig, accelerator: Accelerator, engine, *, wanted: bool) -> Teacher | None:
+    """The ZeRO-3-partitioned dense model, once scored and cut, as the teacher; freed when none is wanted. It
+    teaches in the model's dtype: a partitioned model cannot be cast, so `train.distill.teacher_dtype` is not applied."""
+    if not wanted:
+        release_zero3(engine)
+        return None
+    asked = cfg.train.distill.teacher_dtype
+    if asked not in ("auto", cfg.model.dtype):
+        accelerator.print(f"the partitioned dense model teaches in model.dtype {cfg.model.dtype}, not train.distill.teacher_dtype {asked}")
+    return PartitionedTeacher(engine)
 
 
 def snapshot_teacher(cfg: RunConfig, accelerator: Accelerator, dense, out: Path) -> Teacher:

@@ -23,7 +23,7 @@ from earlycrop.schedule import WeightDistanceRule
 
 from . import dense_partitioned, scoring
 from .config import RunConfig
-from .distributed import check_same_on_all_ranks, prepare_pruned, training_state, zero_stage
+from .distributed import check_same_on_all_ranks, prepare_pruned, release_zero3, training_state, zero_stage
 from .finetune import snapshot_teacher, teacher_at_cut
 from .plots import plot_kept_units, plot_scores
 from .prepare import Prepared
@@ -171,6 +171,8 @@ class Pruner:
         unwrapped, raw = training_state(self.accelerator, optimizer, self.accelerator.unwrap_model(model), step,
                                         self.cfg.train.lr, self.cfg.train.weight_decay)
         self.accelerator.free_memory()  # the old engine (its partitions and buffers) goes before scoring
+        if zero_stage(self.accelerator) == 3:
+            release_zero3(model)
         scores, plan = self.score_and_plan(unwrapped)
         report = target_report(self.cfg, self.accelerator, unwrapped, plan)
         teacher = snapshot_teacher(self.cfg, self.accelerator, unwrapped, self.out) if teacher_at_cut(self.cfg) else None

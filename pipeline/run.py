@@ -28,14 +28,14 @@ from .compute import phase_positions, training_flops
 from .config import RunConfig, check_seq_len
 from .dense_partitioned import load_dense
 from .distributed import (build_whole_from_now_on, describe_launch, describe_peak_memory, is_collective_timeout, make_accelerator, peak_memory_per_rank, quiet_expected_tied_weights, whole_parameters, zero_stage)
-from .finetune import dense_teacher, distillation_span, fine_tuning_teacher, make_distiller, recover, recovery_blocks, teacher_at_cut, warm_up_new_head
+from .finetune import dense_teacher, distillation_span, partitioned_dense_teacher, fine_tuning_teacher, make_distiller, recover, recovery_blocks, teacher_at_cut, warm_up_new_head
 from .modeling import build_model
 from .outputs import check_resume_identity, check_run_output_dir, git_revision, read_identity, run_identity, write_identity
 from .plots import plot_run_losses
 from .prepare import check_labels, check_tokenizer, prepare_data
 from .pruning import PLAN_FILE, SCORES_FILE, Pruner, log_event
 from .scoring import placeholder_plan, scoring_criterion
-from .sharded import PartitionedTeacher, full_shapes
+from .sharded import full_shapes
 from .target import fit_target
 from .timing import StageTimer
 from .tracking import ONE_OFF_STEP, create_tracker, default_run_name, end_stale_run, flatten_config, run_info
@@ -211,14 +211,13 @@ class Job:
         self.distill_teacher = fine_tuning_teacher(cfg, self.model, self.accelerator, self.out, cut_made=cut_made)
         if cfg.prune.prune_at != "never":
             self.cut_before_training()
-        if wants_teacher and self.dense_engine is not None:
-            self.teacher = PartitionedTeacher(self.dense_engine)
+        if self.dense_engine is not None:  # scored and cut: the teacher, or freed
+            self.teacher = partitioned_dense_teacher(cfg, self.accelerator, self.dense_engine, wanted=wants_teacher)
         self.distill_teacher = self.distill_teacher or self.teacher
         self.dense_engine = None  # a partitioned teacher keeps its own reference
 
     def cut_before_training(self) -> None:
-        # a resumed run reuses saved scores whose provenance matches (a cut before training is redone only
-        # when no checkpoint holds it; a later cut replays weights the resumed run reproduces exactly)
+        # resuming reuses saved scores of the same provenance (a later cut replays weights the run reproduces exactly)
         cfg = self.cfg
         reuse = self.resume and (self.checkpoint is None or cfg.prune.prune_at != 0)
         self.pruner = Pruner(cfg, self.accelerator, self.prepared, self.out, self.timer, sparsity=self.sparsity, reuse_scores=reuse)
@@ -273,6 +272,7 @@ class Job:
         )
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
+        self.model = self.optimizer = None  # the loop holds them; a cut replaces them (and the old engine is freed)
         with self.timer("train"):
             self.state = train(loop, self.state)
         self.model, self.optimizer = loop.model, loop.optimizer

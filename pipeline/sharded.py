@@ -55,7 +55,7 @@ from earlycrop.schedule import WeightDistanceRule
 from earlycrop.serialization import safetensors_files
 
 from .data import shard_batches
-from .distributed import all_reduce_sum, partition_of, world
+from .distributed import all_reduce_sum, empty_copy, partition_of, valid_numel, world
 
 GATE_CRITERIA = ("snip", "fisher", "activation", "random")
 
@@ -282,14 +282,9 @@ def _magnitude(ctx: ScoringContext) -> Scores:
 
 
 def pruned_skeleton(model: nn.Module, plan: earlycrop.Plan, dtype: torch.dtype) -> nn.Module:
-    """The model `plan` leaves, with uninitialised storage: built on the meta device and cut there, so the dense
-    shape is never allocated; `consolidate_pruned` fills it."""
-    with torch.device("meta"):
-        skeleton = type(model)(copy.deepcopy(model.config))
-    earlycrop.prune(skeleton, plan)
-    skeleton = skeleton.to(dtype).to_empty(device="cpu")
-    skeleton.tie_weights()  # leaving the meta device makes new Parameters, so tied ones are tied again
-    return skeleton
+    """The model `plan` leaves, with uninitialised parameters on the CPU (its buffers copied): built on the meta
+    device and cut there, so the dense shape is never allocated; `consolidate_pruned` fills it."""
+    return empty_copy(model, plan, dtype=dtype, device="cpu")
 
 
 def _gathered_block(adapter, block: nn.Module, layer, kept: tuple[list[int], list[int], list[int]]) -> dict[int, torch.Tensor]:
@@ -339,9 +334,6 @@ def consolidate_pruned(model: nn.Module, plan: earlycrop.Plan, target: nn.Module
     missing = {name for name, _ in target.named_parameters()} - written
     if missing:
         raise RuntimeError(f"consolidation left {sorted(missing)[:3]} of the pruned model unwritten")
-    with torch.no_grad():
-        for name, buffer in target.named_buffers():  # not partitioned: every rank holds them whole
-            buffer.copy_(model.get_buffer(name))
 
 
 class PartitionedTeacher(Teacher):
@@ -354,6 +346,12 @@ class PartitionedTeacher(Teacher):
 
     def to(self, device: torch.device | str) -> Teacher:
         return self  # DeepSpeed placed the partitions
+
+    def base_forward(self, batch):
+        # a forward of the trunk alone skips the root module's hook that restarts DeepSpeed's trace of the
+        # module order, which would otherwise grow with every call
+        self.engine.optimizer.get_param_coordinator().reset_step()
+        return super().base_forward(batch)
 
 
 def partition_teacher(teacher: Teacher, micro_batch_size: int) -> PartitionedTeacher:
@@ -384,10 +382,10 @@ class PartitionedRule(WeightDistanceRule):
 
     def observe_partitioned(self, step: int, params: list[nn.Parameter]) -> bool:
         if self.whole_w1 is not None:
-            self.w1 = [partition_of(p, w.reshape(-1).float()) for p, w in zip(params, self.whole_w1)]
+            self.w1 = [partition_of(p, w.reshape(-1).float())[:valid_numel(p)] for p, w in zip(params, self.whole_w1)]
             self.whole_w1 = None
         self.params = params
-        return self.observe(step, [p.ds_tensor for p in params], reduce=all_reduce_sum)
+        return self.observe(step, [p.ds_tensor[:valid_numel(p)] for p in params], reduce=all_reduce_sum)
 
     def finish(self) -> None:
         """After the cut: the dense partitions are no longer needed (nor held alive by this rule)."""
@@ -397,19 +395,24 @@ class PartitionedRule(WeightDistanceRule):
         state = super().state_dict()
         if self.w1 is None or self.params is None:
             return {**state, "w1": list(self.whole_w1 or [])}
-        return {**state, "w1": [_gather_whole(p, w) for p, w in zip(self.params, self.w1)]}
+        whole = [_gather_whole(p, w) for p, w in zip(self.params, self.w1)]
+        return {**state, "w1": whole if world()[0] == 0 else []}  # Accelerate writes rank 0's state only
 
     def load_state_dict(self, state: dict) -> None:
         self.trace = [(int(s), float(d)) for s, d in state["trace"]]
         self.w1, self.whole_w1 = None, list(state["w1"]) or None
 
 
-def _gather_whole(p: nn.Parameter, part: torch.Tensor) -> torch.Tensor:
-    """The whole tensor of `p`'s shape from every rank's partition `part` (a collective)."""
+def _gather_whole(p: nn.Parameter, part: torch.Tensor) -> torch.Tensor | None:
+    """On rank 0 the whole tensor of `p`'s shape from every rank's (unpadded) partition `part`; None elsewhere
+    (a collective: every rank calls it)."""
     import torch.distributed as dist
 
-    part = part.to(p.ds_tensor.device)  # NCCL gathers on the GPU; w_1 itself stays on the CPU
-    parts = [torch.zeros_like(part) for _ in range(world()[1])]
-    dist.all_gather(parts, part.contiguous())
-    return torch.cat(parts)[:p.ds_numel].reshape(p.ds_shape).cpu()
+    rank, size = world()
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"  # NCCL gathers on the GPU; w_1 stays on the CPU
+    padded = torch.zeros(p.ds_tensor.numel(), dtype=part.dtype, device=device)
+    padded[:part.numel()] = part
+    parts = [torch.zeros_like(padded) for _ in range(size)] if rank == 0 else None
+    dist.gather(padded, parts, dst=0)
+    return torch.cat(parts)[:p.ds_numel].reshape(p.ds_shape).cpu() if rank == 0 else None
 

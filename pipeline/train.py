@@ -264,6 +264,7 @@ def train(loop: Loop, state: TrainerState) -> TrainerState:
                     loop.log(metrics, state.step)
                 if due:
                     model, optimizer, event = loop.pruner.prune_in_training(model, optimizer, state.step)
+                    loop.model, loop.optimizer = model, optimizer  # nothing holds the engine the cut replaced
                     state.pruned_at = state.step
                     loop.on_prune(event)
                     if getattr(event, "teacher", None) is not None and loop.make_distiller is not None:

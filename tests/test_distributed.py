@@ -66,3 +66,36 @@ def test_prune_cli_under_torchrun_writes_what_one_process_writes(tmp_path, model
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-6, atol=0)
     assert (tmp_path / "one/plan.json").read_text() == (tmp_path / "two/plan.json").read_text()
+
+
+@pytest.mark.slow
+def test_release_zero3_frees_an_engine_deepspeed_would_keep_alive():
+    """DeepSpeed keeps every ZeRO-3 engine reachable after its last reference goes (a global module list, and each
+    parameter pointing at its optimizer); `release_zero3` lets the replaced training engine's fp32 state go."""
+    out = launching.torchrun(1, "tests/workers/release_zero3.py").stdout
+    assert json.loads(out.strip().splitlines()[-1]) == {"dropped": True, "released": False}
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_empty_copy_has_the_model_shape_buffers_and_frozen_parameters(family):
+    """What a ZeRO-3 cut and a partitioned resume build the model on: the shape (cut to a plan, or a saved per-layer
+    layout), every buffer copied in its own dtype (float32 RoPE frequencies beside bfloat16 weights, as DeepSpeed
+    keeps them) and `requires_grad` as in the source; after copying the weights in, the same logits."""
+    import earlycrop
+    from pipeline.distributed import empty_copy
+    from .tiny_models import batches, build
+
+    model = build(family)
+    scores = earlycrop.score_units(model, "magnitude")
+    earlycrop.prune(model, earlycrop.make_plan(model, scores, earlycrop.SelectionConfig(heads=0.5, mlp=0.3, layout="global")))
+    for p in model.parameters():
+        p.data = p.data.to(torch.bfloat16)  # weights in bfloat16, buffers left as they are
+    frozen = next(model.parameters()).requires_grad_(False)
+    copy = empty_copy(model)
+    assert [p.shape for p in copy.parameters()] == [p.shape for p in model.parameters()]
+    assert [p.requires_grad for p in copy.parameters()] == [p.requires_grad for p in model.parameters()] and not frozen.requires_grad
+    for (name, buffer), (_, copied) in zip(model.named_buffers(), copy.named_buffers(), strict=True):
+        assert copied.dtype == buffer.dtype and torch.equal(copied, buffer), name
+    copy.load_state_dict(model.state_dict())
+    ids = batches(family, n=1)[0]["input_ids"]
+    assert torch.equal(copy.eval()(ids).logits, model.eval()(ids).logits)
