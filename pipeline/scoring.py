@@ -2,9 +2,9 @@
 and `earlycrop prune`, so both resolve `auto` and score the same way (docs/DESIGN.md §1).
 
 `auto` criterion: earlycrop, also for a pretrained model that gets a NEW task head: on the real
-all-MiniLM-L6-v2 (benchmarks/recovery.py, 5 seeds, 50% removed, uniform) it ended with a lower test loss
-than magnitude on every seed at equal accuracy; magnitude had led only on a tiny pretrained BERT
-(benchmarks/encoder_quality.py). `auto` objective: the
+all-MiniLM-L6-v2 (benchmarks/recovery.py, 5 seeds, 50% removed, uniform) it ended with the lowest test loss of
+every criterion (magnitude, snip, fisher, activation, random), cut before fine-tuning or early in it, at equal or
+better accuracy; magnitude had led only on a tiny pretrained BERT (benchmarks/encoder_quality.py). `auto` objective: the
 checkpoint's own pre-training loss when a pretrained model gets a new head and was saved with a
 pre-training head (gradients through a random head say little about pretrained features), else the task loss.
 """
