@@ -13,14 +13,15 @@ from accelerate import Accelerator
 from transformers import AutoConfig
 
 import earlycrop
-from earlycrop.criteria import Criterion, EarlyCroP, GraSP, Scores
+from earlycrop.criteria import Scores
 from earlycrop.families import architecture_class
 
 from .config import RunConfig
 from .distributed import zero_stage
 from .modeling import DTYPES
 from .scoring import attaches_new_head, for_run, make
-from .sharded import GATE_CRITERIA, consolidate_pruned, full_shapes, load_partitioned, pruned_skeleton, score_partitioned, zero3_config
+from .sharded import (consolidate_pruned, full_shapes, load_partitioned, partitioned_refusal, pruned_skeleton, score_partitioned,
+                      zero3_config)
 
 
 def whole_because(cfg: RunConfig, world_size: int) -> str | None:
@@ -35,18 +36,12 @@ def whole_because(cfg: RunConfig, world_size: int) -> str | None:
         (cfg.train.head_warmup_steps > 0, "the new head's warm-up trains the dense model"),
         (cfg.target is not None or p.target_params is not None, "the budget search measures the dense model"),
         (recipe.objective != "task", f"objective {recipe.objective} scores through another model"),
-        (not _partitionable(make(recipe)), f"criterion {recipe.criterion} with hvp {p.hvp} needs whole weights "
+        (partitioned_refusal(make(recipe)) is not None, f"criterion {recipe.criterion} with hvp {p.hvp} needs whole weights "
                                            "(earlycrop and grasp score partitioned with prune.hvp: finite_difference)"),
         (p.calibration_batches % world_size != 0, f"prune.calibration_batches={p.calibration_batches} does not divide "
                                                   f"over the {world_size} ranks"),
     ]
     return next((why for failed, why in reasons if failed), None)
-
-
-def _partitionable(criterion: Criterion) -> bool:
-    if isinstance(criterion, (EarlyCroP, GraSP)):
-        return criterion.hvp == "finite_difference"
-    return criterion.name in (*GATE_CRITERIA, "magnitude")
 
 
 def load_dense(cfg: RunConfig, accelerator: Accelerator):

@@ -185,14 +185,21 @@ def score_partitioned(engine, criterion: Criterion | str, batches: list[Batch], 
     return scores
 
 
-def _check_supported(criterion: Criterion) -> None:
+def partitioned_refusal(criterion: Criterion) -> str | None:
+    """Why `criterion` cannot score a ZeRO-3-partitioned model; None when it can."""
     if isinstance(criterion, (EarlyCroP, GraSP)):
         if criterion.hvp != "finite_difference":
-            raise ValueError(f"criterion {criterion.name!r} with hvp: {criterion.hvp} needs a double backward, which "
-                             "does not compose with ZeRO-3's parameter gather/release hooks: use hvp: finite_difference")
+            return (f"criterion {criterion.name!r} with hvp: {criterion.hvp} needs a double backward, which "
+                    "does not compose with ZeRO-3's parameter gather/release hooks: use hvp: finite_difference")
     elif criterion.name not in (*GATE_CRITERIA, "magnitude"):
-        raise ValueError(f"criterion {criterion.name!r} cannot score a ZeRO-3-partitioned model; these can: "
-                         f"earlycrop and grasp (hvp: finite_difference), magnitude, {', '.join(GATE_CRITERIA)}")
+        return (f"criterion {criterion.name!r} cannot score a ZeRO-3-partitioned model; these can: "
+                f"earlycrop and grasp (hvp: finite_difference), magnitude, {', '.join(GATE_CRITERIA)}")
+    return None
+
+
+def _check_supported(criterion: Criterion) -> None:
+    if (refusal := partitioned_refusal(criterion)) is not None:
+        raise ValueError(refusal)
 
 
 def _score(ctx: ScoringContext, criterion: Criterion) -> Scores:
